@@ -1,0 +1,26 @@
+# The two entry points a newcomer needs (see README): `make run` and `make test`.
+# Both install what they need first (scripts/bootstrap.sh is idempotent).
+SHELL := /bin/bash
+export YOLO_OFFLINE := 1
+VENV := .venv/bin
+
+.PHONY: run test test-fast bootstrap repro
+
+bootstrap:
+	scripts/bootstrap.sh
+
+## Main job on the embedded defaults: synthetic data -> train -> export (DVC), MLflow runs locally.
+run: bootstrap repro
+
+repro:
+	source $(VENV)/activate && dvc repro
+	source $(VENV)/activate && dvc metrics show
+
+## Every test, including the slow end-to-end `dvc repro` and the real-sshd fleet tests.
+test:
+	scripts/bootstrap.sh --with-sshd
+	source $(VENV)/activate && python -m pytest
+
+## Unit tests only (seconds).
+test-fast: bootstrap
+	source $(VENV)/activate && python -m pytest -m "not slow and not ssh and not gpu"
