@@ -122,6 +122,10 @@ def train(dataset_yaml: Path, weights_out: Path, p: TrainParams, base: BaseParam
         model = ultralytics.YOLO(p.model)
 
         def on_fit_epoch_end(trainer: Any) -> None:
+            # Ultralytics fires this once more in final_eval, for best.pt, with the epoch
+            # bumped past the last one: the curve keeps each epoch's own validation only.
+            if trainer.epoch >= trainer.epochs:
+                return
             row = _epoch_row(trainer)
             rows.append(row)
             log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))

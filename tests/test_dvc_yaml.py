@@ -1,0 +1,79 @@
+"""dvc.yaml agrees with the code: every stage module and every shared module it imports is a
+dep; the stage's CLI defaults are exactly its declared deps/outs; params sections exist."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
+STAGES = DVC["stages"]
+
+
+def _module_file(name: str) -> Path:
+    return REPO / (name.replace(".", "/") + ".py")
+
+
+def _pipeline_imports(path: Path, seen: set[Path]) -> set[Path]:
+    """Every pipeline module `path` imports, transitively (static: import statements only)."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"):
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names if a.name.startswith("pipeline")]
+        for name in names:
+            f = _module_file(name)
+            if f.is_file() and f not in seen:
+                seen.add(f)
+                _pipeline_imports(f, seen)
+    return seen
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_stage_deps_cover_imports(stage: str) -> None:
+    spec = STAGES[stage]
+    assert spec["cmd"] == f"python -m pipeline.{stage}"
+    module = _module_file(f"pipeline.{stage}")
+    needed = {p.relative_to(REPO).as_posix() for p in _pipeline_imports(module, {module})}
+    declared = set(spec["deps"])
+    assert needed <= declared, f"stage {stage} imports but does not declare: {sorted(needed - declared)}"
+    stages_imported = {n for n in needed if Path(n).stem in STAGES and Path(n).stem != stage}
+    assert not stages_imported, f"stage {stage} imports another stage module: {stages_imported}"
+
+
+def _declared_paths(spec: dict) -> set[str]:
+    out: set[str] = set()
+    for key in ("outs", "metrics", "plots"):
+        for item in spec.get(key, []):
+            out.add(next(iter(item)) if isinstance(item, dict) else item)
+    return out
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_cli_defaults_match_declared_paths(stage: str) -> None:
+    """Each CLI default (except --params) is a declared dep or out; each out is a CLI default."""
+    spec = STAGES[stage]
+    mod = importlib.import_module(f"pipeline.{stage}")
+    args = vars(mod.parse_args([]))
+    defaults = {Path(v).as_posix() for k, v in args.items() if k != "params"}
+    outs = _declared_paths(spec)
+    deps = {d for d in spec["deps"] if not d.startswith("pipeline/")}
+    dataset_dirs = {Path(d).parent.as_posix() for d in defaults}  # a yaml inside a declared dir
+    assert outs <= defaults, f"{stage}: declared outs not written by the CLI: {outs - defaults}"
+    for d in defaults - outs:
+        assert d in deps or Path(d).parent.as_posix() in deps, f"{stage}: CLI reads {d} but dvc.yaml lacks it"
+    assert dataset_dirs  # sanity: there are defaults at all
+
+
+def test_params_sections_exist() -> None:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for stage, spec in STAGES.items():
+        for section in spec.get("params", []):
+            assert section in params, f"stage {stage} depends on missing params section {section}"

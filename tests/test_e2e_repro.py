@@ -1,0 +1,125 @@
+"""End to end: `dvc repro` in a temporary copy of the repo with tiny params, then reproducibility.
+
+Real DVC, real Ultralytics training (1 epoch, 64 px), real ONNX export and parity check, real
+MLflow (a SQLite store in tmp). Checks: every declared output exists; one MLflow run per stage
+execution and no stray Ultralytics run; `dvc status` is clean; a second `dvc repro` runs
+nothing; `dvc repro -f` reproduces the same hashes for every stage (data, train and export are
+all bit-reproducible on CPU: see the README's "Reproducibility").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from conftest import copy_repo, tiny_params
+
+pytestmark = pytest.mark.slow
+
+
+def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc.stdout + proc.stderr
+
+
+def _lock_hashes(repo: Path) -> dict[str, dict[str, str]]:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {stage: {o["path"]: o["md5"] for o in spec.get("outs", [])} for stage, spec in lock["stages"].items()}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = copy_repo(tmp_path_factory.mktemp("e2e") / "repo")
+    params = tiny_params(yaml.safe_load((root / "params.yaml").read_text()))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, repo: Path) -> dict[str, str]:
+    store = tmp_path_factory.mktemp("mlflow")
+    e = dict(os.environ)
+    e.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{e['PATH']}",  # `python` in dvc.yaml = this venv
+        MLFLOW_TRACKING_URI=f"sqlite:///{store / 'mlflow.db'}",
+        YOLO_CONFIG_DIR=str(store / "yolo"),
+        YOLO_OFFLINE="1",
+        GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
+    )
+    _run(["git", "init", "-q"], repo, e)
+    _run(["git", "add", "-A"], repo, e)
+    _run(["git", "commit", "-qm", "tiny"], repo, e)
+    return e
+
+
+@pytest.fixture(scope="module")
+def first_repro(repo: Path, env: dict[str, str]) -> str:
+    return _run(["dvc", "repro"], repo, env)
+
+
+def test_outputs_and_metrics(repo: Path, first_repro: str) -> None:
+    for out in ("data/defects/dataset.yaml", "models/yolov8n.pt", "models/yolov8n.onnx",
+                "reports/data/metrics.json", "reports/train/metrics.json", "reports/train/epochs.csv",
+                "reports/export/metrics.json"):
+        assert (repo / out).is_file(), out
+    train = json.loads((repo / "reports/train/metrics.json").read_text())
+    assert set(train) >= {"precision", "recall", "mAP50", "mAP50-95"} and train["epochs"] == 1
+    export = json.loads((repo / "reports/export/metrics.json").read_text())
+    assert export["max_abs_diff_score"] <= 1e-3 and export["size_bytes"] > 1_000_000
+    assert not (repo / "runs").exists(), "Ultralytics litter escaped into the repo"
+    assert not list((repo / "data/defects/labels").glob("*.cache")), "label cache written into a DVC output"
+
+
+def test_onnx_metadata(repo: Path, first_repro: str) -> None:
+    import onnx
+
+    from pipeline.device.fileio import sha256_file
+
+    meta = {p.key: p.value for p in onnx.load(str(repo / "models/yolov8n.onnx")).metadata_props}
+    assert meta["source_weights_sha256"] == sha256_file(repo / "models/yolov8n.pt")
+    assert meta["output_format"] == "yolov8-raw" and "date" not in meta
+    assert "crazing" in meta["names"] and meta["imgsz"] == "[64, 64]" and meta["stride"] == "32"
+
+
+def test_one_mlflow_run_per_stage(first_repro: str, env: dict[str, str]) -> None:
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exps = client.search_experiments()
+    runs = [r for e in exps for r in client.search_runs([e.experiment_id])]
+    assert sorted(r.data.tags.get("stage") for r in runs) == ["data", "export", "train"], \
+        f"expected one run per stage, got {[(r.info.run_name, r.data.tags.get('stage')) for r in runs]}"
+    train = next(r for r in runs if r.data.tags["stage"] == "train")
+    assert train.info.status == "FINISHED"
+    assert len(client.get_metric_history(train.info.run_id, "mAP50-95")) == 1  # one point per epoch
+    assert "train.lr0" in train.data.params and train.data.tags["model_sha256"]
+    assert [a.path for a in client.list_artifacts(train.info.run_id, "weights")] == ["weights/yolov8n.pt"]
+    export = next(r for r in runs if r.data.tags["stage"] == "export")
+    assert export.data.tags["source_weights_sha256"] == train.data.tags["model_sha256"]
+
+
+def test_status_clean_and_second_repro_is_noop(repo: Path, env: dict[str, str], first_repro: str) -> None:
+    status = _run(["dvc", "status"], repo, env)
+    assert "up to date" in status, status
+    before = _lock_hashes(repo)
+    again = _run(["dvc", "repro"], repo, env)
+    for stage in ("data", "train", "export"):
+        assert f"Stage '{stage}' didn't change, skipping" in again, again
+    assert _lock_hashes(repo) == before
+
+
+def test_forced_repro_reproduces_hashes(repo: Path, env: dict[str, str], first_repro: str) -> None:
+    before = _lock_hashes(repo)
+    _run(["dvc", "repro", "-f"], repo, env)
+    after = _lock_hashes(repo)
+    assert after["data"] == before["data"], "synthetic data is not bit-reproducible"
+    assert after["train"] == before["train"], "training is not bit-reproducible on CPU"
+    assert after["export"] == before["export"], "ONNX export is not bit-reproducible"
+    assert "up to date" in _run(["dvc", "status"], repo, env)
