@@ -59,3 +59,39 @@ def copy_repo(dest: Path) -> Path:
     shutil.copytree(REPO, dest, ignore=ignore)
     (dest / ".dvc" / "cache").mkdir(parents=True, exist_ok=True)
     return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A real (barely trained) YOLOv8n: tiny synthetic data, 1 epoch at 64 px, exported to ONNX.
+
+    Built once per test session through the real stage functions (about 30 s). Returns paths:
+    `dataset` (YOLO folder), `weights` (.pt), `onnx` (FP32, imgsz 64), `params` (params.yaml).
+    Untrained models detect little: tests that need boxes use a low confidence threshold.
+    """
+    import os
+
+    from pipeline import data, export, train
+
+    root = tmp_path_factory.mktemp("tiny_model")
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(root / "yolo"))
+    params = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()))
+    params_path = root / "params.yaml"
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    try:
+        out = {"dataset": root / "defects", "weights": root / "yolov8n.pt", "onnx": root / "yolov8n.onnx",
+               "params": params_path}
+        data.main(["--out", str(out["dataset"]), "--metrics", str(root / "data.json"), "--params", str(params_path)])
+        train.main(["--data", str(out["dataset"] / "dataset.yaml"), "--out", str(out["weights"]),
+                    "--metrics", str(root / "train.json"), "--epochs-csv", str(root / "epochs.csv"),
+                    "--params", str(params_path)])
+        export.main(["--weights", str(out["weights"]), "--data", str(out["dataset"]), "--out", str(out["onnx"]),
+                     "--metrics", str(root / "export.json"), "--params", str(params_path)])
+    finally:
+        if mlflow_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri
+    return out
