@@ -75,6 +75,16 @@ def _setup(mlflow: Any) -> str:
     return mlflow.create_experiment(name, artifact_location=artifact_location)
 
 
+def experiment_id() -> str:
+    """Point mlflow at the tracking URI and return the pipeline experiment's id (created if missing).
+
+    For callers that log through `MlflowClient` (fleet deploys log one nested run per device).
+    """
+    import mlflow  # lazy, as everywhere in this module
+
+    return _setup(mlflow)
+
+
 @contextmanager
 def stage_run(stage: str, *sections: Any, tags: Mapping[str, str] | None = None) -> Iterator[Any]:
     """Open the one MLflow run of a stage execution, tagged with the lineage conventions.

@@ -1,0 +1,72 @@
+"""Fleet tasks: thin wrappers over pipeline.fleet (all logic, paths and checks live there).
+
+  fab deploy --group pis [--host H] [--model yolov8n] [--dry-run]
+  fab status --group jetsons          fab rollback --group pis
+  fab benchmark --group local         fab collect-frames --group pis --count 50
+
+Every task takes --inventory (default inventory.yaml, or $FLEET_INVENTORY). The exit code is
+non-zero when any host failed; the table above it says which and why.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fabric import task
+from invoke.exceptions import Exit
+
+from pipeline.fleet import runner
+from pipeline.fleet.inventory import load_inventory
+from pipeline.fleet.results import format_table
+
+
+def _inventory(path: str | None):
+    return load_inventory(Path(path or os.environ.get("FLEET_INVENTORY") or "inventory.yaml"))
+
+
+def _finish(run: runner.FleetRun, extra: str = "") -> None:
+    print(format_table(run.command, run.results, run.wall_s))
+    if extra:
+        print(extra)
+    if run.mlflow_run_id:
+        print(f"MLflow run: {run.mlflow_run_id}")
+    if any(not r.ok for r in run.results):
+        raise Exit(code=1)
+
+
+@task(help={"group": "inventory group", "host": "one host", "model": "model name in models/ (default yolov8n)",
+            "dry_run": "resolve and probe only; change nothing", "inventory": "inventory file"})
+def deploy(c, group=None, host=None, model=runner.DEFAULT_MODEL, dry_run=False, inventory=None):
+    """Push the model to devices, health-check, switch `current`, benchmark, log to MLflow."""
+    _finish(runner.deploy(_inventory(inventory), group, host, model, dry_run=dry_run))
+
+
+@task(help={"group": "inventory group", "host": "one host", "inventory": "inventory file"})
+def status(c, group=None, host=None, inventory=None):
+    """Show current/previous release, model sha, engines, last benchmark and temperature."""
+    run = runner.status(_inventory(inventory), group, host)
+    lines = [f"  {r.host}: current={r.release or '-'} previous={r.previous or '-'} "
+             f"model={str(r.details.get('model_sha256', ''))[:12] or '-'} engines={r.details.get('engines') or '-'} "
+             f"last={r.details.get('last_result') or '-'} p50_ms={r.details.get('last_p50_ms')} "
+             f"fps={r.details.get('last_fps')} temp_c={r.details.get('temperature_c')}" for r in run.results]
+    _finish(run, "\n".join(lines))
+
+
+@task(help={"group": "inventory group", "host": "one host", "inventory": "inventory file"})
+def rollback(c, group=None, host=None, inventory=None):
+    """Make the previous release current again (after its health check)."""
+    _finish(runner.rollback(_inventory(inventory), group, host))
+
+
+@task(help={"group": "inventory group", "host": "one host", "inventory": "inventory file"})
+def benchmark(c, group=None, host=None, inventory=None):
+    """Benchmark the current release on each device; results to reports/fleet/<host>/ and MLflow."""
+    _finish(runner.benchmark(_inventory(inventory), group, host))
+
+
+@task(name="collect-frames", help={"group": "inventory group", "host": "one host",
+                                   "count": "newest frames per device", "inventory": "inventory file"})
+def collect_frames(c, group=None, host=None, count=50, inventory=None):
+    """Pull camera frames into data/camera/<host>/ for the calibrate stage."""
+    _finish(runner.collect_frames(_inventory(inventory), group, host, int(count)))

@@ -1,0 +1,133 @@
+"""Per-host results of a fleet command, the summary table, and benchmark-JSON metric extraction."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+
+@dataclass
+class HostResult:
+    """What happened on one host. Steps fill it in as they go; failures land in `error`."""
+
+    host: str
+    group: str
+    outcome: str = "pending"  # deployed | unchanged | failed | dry-run | rolled-back | ok ...
+    error: str = ""
+    failed_step: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    release: str = ""
+    previous: str = ""
+    runtime: str = ""
+    bytes_sent: int = 0
+    model_bytes_sent: int = 0
+    files_sent: list[str] = field(default_factory=list)
+    files_linked: list[str] = field(default_factory=list)
+    engine: dict[str, Any] = field(default_factory=dict)
+    health: dict[str, Any] = field(default_factory=dict)
+    bench: dict[str, Any] = field(default_factory=dict)
+    bench_path: str = ""
+    details: dict[str, Any] = field(default_factory=dict)  # command-specific (status, frames...)
+
+    @property
+    def ok(self) -> bool:
+        """True unless the host failed."""
+        return self.outcome != "failed" and not self.error
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        """Time a step; if it raises, record which step failed (the runner records the error)."""
+        start = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            self.failed_step = self.failed_step or name
+            raise
+        finally:
+            self.timings[name] = round(time.perf_counter() - start, 3)
+
+
+class FleetError(RuntimeError):
+    """One or more hosts failed; `results` holds every host's result, good and bad."""
+
+    def __init__(self, command: str, results: Sequence[HostResult]) -> None:
+        self.results = list(results)
+        failed = [r for r in results if not r.ok]
+        lines = [f"  {r.host}: {r.failed_step + ': ' if r.failed_step else ''}{r.error}" for r in failed]
+        super().__init__(f"{command}: {len(failed)} of {len(results)} host(s) failed\n" + "\n".join(lines))
+
+
+def raise_for_failures(command: str, results: Sequence[HostResult]) -> None:
+    """Raise FleetError (carrying all results) if any host failed."""
+    if any(not r.ok for r in results):
+        raise FleetError(command, results)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f}"
+
+
+def format_table(command: str, results: Sequence[HostResult], wall_s: float | None = None) -> str:
+    """A plain-text table: one row per host with outcome, release, bytes moved and step timings."""
+    headers = ["host", "group", "outcome", "release", "sent MB", "model MB", "steps (s)", "error"]
+    rows = []
+    for r in results:
+        steps = " ".join(f"{k}={v:.2f}" for k, v in r.timings.items())
+        error = (f"[{r.failed_step}] " if r.failed_step else "") + r.error
+        rows.append([r.host, r.group, r.outcome, r.release or "-", _mb(r.bytes_sent), _mb(r.model_bytes_sent),
+                     steps, error[:160]])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {}"
+    out = [fmt.format(*headers), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*row) for row in rows]
+    ok = sum(r.ok for r in results)
+    tail = f"{command}: {ok}/{len(results)} host(s) ok"
+    if wall_s is not None:
+        tail += f" in {wall_s:.1f} s"
+    return "\n".join(out + [tail])
+
+
+def _flatten(doc: Any, prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    if isinstance(doc, Mapping):
+        for k, v in doc.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+    elif isinstance(doc, bool):
+        out[prefix[:-1]] = float(doc)
+    elif isinstance(doc, (int, float)) and math.isfinite(float(doc)):
+        out[prefix[:-1]] = float(doc)
+    return out
+
+
+# Headline metric -> candidate keys in the device's bench JSON (flattened, dotted), first match wins.
+HEADLINE_KEYS: dict[str, tuple[str, ...]] = {
+    "latency_p50_ms": ("latency_ms.p50", "latency.p50_ms", "latency.total.p50_ms", "latency_ms.total.p50",
+                       "p50_ms"),
+    "latency_p95_ms": ("latency_ms.p95", "latency.p95_ms", "latency.total.p95_ms", "latency_ms.total.p95",
+                       "p95_ms"),
+    "latency_p99_ms": ("latency_ms.p99", "latency.p99_ms", "latency.total.p99_ms", "latency_ms.total.p99",
+                       "p99_ms"),
+    "fps": ("fps", "throughput.fps", "latency.fps"),
+    "peak_rss_mb": ("peak_rss_mb", "memory.peak_rss_mb", "rss.peak_mb"),
+    "temp_start_c": ("temperature_c.start", "thermal.start_c", "temperature.start_c", "thermal.temp_start_c"),
+    "temp_max_c": ("temperature_c.max", "thermal.max_c", "temperature.max_c", "thermal.temp_max_c"),
+    "throttled": ("throttled", "thermal.throttled", "throttling.throttled", "throttling.any"),
+}
+
+
+def bench_metrics(doc: Mapping[str, Any]) -> dict[str, float]:
+    """Headline metrics (p50/p95/p99 ms, fps, rss, temperatures, throttled) plus every numeric leaf.
+
+    Leaves are prefixed `bench.` so the headline names stay the ones compared across devices.
+    """
+    flat = _flatten({k: v for k, v in doc.items() if k not in ("device",)})
+    out = {f"bench.{k}": v for k, v in flat.items()}
+    for name, candidates in HEADLINE_KEYS.items():
+        for key in candidates:
+            if key in flat:
+                out[name] = flat[key]
+                break
+    return out
