@@ -17,12 +17,21 @@ from fabric import task
 from invoke.exceptions import Exit
 
 from pipeline.fleet import runner
-from pipeline.fleet.inventory import load_inventory
+from pipeline.fleet.artifacts import ArtifactError
+from pipeline.fleet.inventory import InventoryError, load_inventory
 from pipeline.fleet.results import format_table
 
 
 def _inventory(path: str | None):
     return load_inventory(Path(path or os.environ.get("FLEET_INVENTORY") or "inventory.yaml"))
+
+
+def _call(fn, *args, **kwargs) -> runner.FleetRun:
+    # Bad input (inventory, group, model files) is one clear line and exit 2, not a traceback.
+    try:
+        return fn(*args, **kwargs)
+    except (InventoryError, ArtifactError, ValueError) as e:
+        raise Exit(f"error: {e}", code=2) from e
 
 
 def _finish(run: runner.FleetRun, extra: str = "") -> None:
@@ -39,13 +48,13 @@ def _finish(run: runner.FleetRun, extra: str = "") -> None:
             "dry_run": "resolve and probe only; change nothing", "inventory": "inventory file"})
 def deploy(c, group=None, host=None, model=runner.DEFAULT_MODEL, dry_run=False, inventory=None):
     """Push the model to devices, health-check, switch `current`, benchmark, log to MLflow."""
-    _finish(runner.deploy(_inventory(inventory), group, host, model, dry_run=dry_run))
+    _finish(_call(lambda: runner.deploy(_inventory(inventory), group, host, model, dry_run=dry_run)))
 
 
 @task(help={"group": "inventory group", "host": "one host", "inventory": "inventory file"})
 def status(c, group=None, host=None, inventory=None):
     """Show current/previous release, model sha, engines, last benchmark and temperature."""
-    run = runner.status(_inventory(inventory), group, host)
+    run = _call(lambda: runner.status(_inventory(inventory), group, host))
     lines = [f"  {r.host}: current={r.release or '-'} previous={r.previous or '-'} "
              f"model={str(r.details.get('model_sha256', ''))[:12] or '-'} engines={r.details.get('engines') or '-'} "
              f"last={r.details.get('last_result') or '-'} p50_ms={r.details.get('last_p50_ms')} "
@@ -56,17 +65,17 @@ def status(c, group=None, host=None, inventory=None):
 @task(help={"group": "inventory group", "host": "one host", "inventory": "inventory file"})
 def rollback(c, group=None, host=None, inventory=None):
     """Make the previous release current again (after its health check)."""
-    _finish(runner.rollback(_inventory(inventory), group, host))
+    _finish(_call(lambda: runner.rollback(_inventory(inventory), group, host)))
 
 
 @task(help={"group": "inventory group", "host": "one host", "inventory": "inventory file"})
 def benchmark(c, group=None, host=None, inventory=None):
     """Benchmark the current release on each device; results to reports/fleet/<host>/ and MLflow."""
-    _finish(runner.benchmark(_inventory(inventory), group, host))
+    _finish(_call(lambda: runner.benchmark(_inventory(inventory), group, host)))
 
 
 @task(name="collect-frames", help={"group": "inventory group", "host": "one host",
                                    "count": "newest frames per device", "inventory": "inventory file"})
 def collect_frames(c, group=None, host=None, count=50, inventory=None):
     """Pull camera frames into data/camera/<host>/ for the calibrate stage."""
-    _finish(runner.collect_frames(_inventory(inventory), group, host, int(count)))
+    _finish(_call(lambda: runner.collect_frames(_inventory(inventory), group, host, int(count))))

@@ -148,7 +148,8 @@ def _check_value(where: str, field: str, value: Any) -> None:
         bad = sorted({c for c in text if not SAFE_VALUE.match(c)}) or ["(empty)"]
         raise InventoryError(
             f"{where}: field '{field}' value {value!r} contains shell metacharacter(s) or whitespace "
-            f"{' '.join(repr(c) for c in bad)}; use only letters, digits and _ . , : / @ % + = -"
+            f"{' '.join(repr(c) for c in bad)}; use only letters, digits and _ . , : / @ % + = - (device paths: absolute, or relative to the login's home; "
+            "'~' is not expanded in quoted commands)"
         )
 
 
@@ -201,9 +202,6 @@ def _build_host(name: str, group: str, merged: Mapping[str, Any]) -> Host:
     if kind != "local" and not values["key"] and not values["agent"]:
         raise InventoryError(f"{where}: no authentication: set 'key' (a private key path) or 'agent: true' "
                              "(passwords are not supported)")
-    if values["deploy_dir"].startswith("~") or values["python"].startswith("~"):
-        raise InventoryError(f"{where}: 'deploy_dir'/'python' must not start with '~' (it is not expanded "
-                             "in quoted commands); use an absolute path or one relative to the login's home")
     if not 1 <= values["port"] <= 65535:
         raise InventoryError(f"{where}: field 'port' {values['port']} is not a TCP port")
     if values["ort_threads"] < 1 or values["bench_iterations"] < 1 or values["bench_warmup"] < 0:

@@ -114,7 +114,6 @@ HEADLINE_KEYS: dict[str, tuple[str, ...]] = {
     "peak_rss_mb": ("peak_rss_mb", "memory.peak_rss_mb", "rss.peak_mb"),
     "temp_start_c": ("temperature_c.start", "thermal.start_c", "temperature.start_c", "thermal.temp_start_c"),
     "temp_max_c": ("temperature_c.max", "thermal.max_c", "temperature.max_c", "thermal.temp_max_c"),
-    "throttled": ("throttled", "thermal.throttled", "throttling.throttled", "throttling.any"),
 }
 
 
@@ -130,4 +129,12 @@ def bench_metrics(doc: Mapping[str, Any]) -> dict[str, float]:
             if key in flat:
                 out[name] = flat[key]
                 break
+    # Throttling: any firmware flag set at the start or end (Pi), else capped clocks (any Linux).
+    thermal = doc.get("thermal") if isinstance(doc.get("thermal"), Mapping) else {}
+    flags = [v for snap in ("start", "end") for k, v in ((thermal.get(snap) or {}).get("throttled") or {}).items()
+             if isinstance(v, bool)]
+    if flags:
+        out["throttled"] = float(any(flags))
+    elif isinstance((thermal.get("end") or {}).get("freq_ratio"), (int, float)):
+        out["throttled"] = float(thermal["end"]["freq_ratio"] < 0.95)
     return out

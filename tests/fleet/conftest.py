@@ -1,0 +1,247 @@
+"""Real OpenSSH test hosts for the fleet tests (and benchmarks/fleet.py).
+
+Each simulated device is its own `sshd -D` process, started as the current user on its own
+127.0.0.x address and port, with its own host key, an authorized user key, and its own deploy
+dir. The device's python is this repository's .venv python (numpy, opencv, onnxruntime), so the
+real device runtime CLI runs on the "device". Nothing leaves 127.0.0.x.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+DEVICE_PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv/bin/python").exists() else sys.executable
+_addresses = itertools.count(2)  # 127.0.0.2, .3, ... unique within a test session
+
+
+def sshd_available() -> bool:
+    """True when an OpenSSH server binary is installed (scripts/bootstrap.sh --with-sshd)."""
+    return Path(SSHD).is_file() and shutil.which("ssh-keygen") is not None
+
+
+def _free_port(address: str) -> int:
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]
+
+
+def _wait_listening(address: str, port: int, proc: subprocess.Popen, log: Path, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"sshd on {address}:{port} exited {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            with socket.create_connection((address, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"sshd on {address}:{port} did not start listening in {timeout}s")
+
+
+def keygen(path: Path) -> Path:
+    """Create an ed25519 key pair at `path` (+ .pub) with no passphrase."""
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "fleet-test", "-f", str(path)],
+                   check=True, stdin=subprocess.DEVNULL)
+    return path
+
+
+@dataclass
+class TestHost:
+    """One simulated device: an sshd, its host key and its deploy dir."""
+
+    name: str
+    address: str
+    port: int
+    root: Path
+    proc: subprocess.Popen | None
+
+    @property
+    def deploy_dir(self) -> Path:
+        """The device's deploy dir (absolute; the same filesystem as the test)."""
+        return self.root / "deploy"
+
+    @property
+    def host_pub(self) -> str:
+        """The host's public key line (type + base64)."""
+        return " ".join((self.root / "ssh_host_ed25519_key.pub").read_text().split()[:2])
+
+    def known_hosts_line(self) -> str:
+        """This host's line for a known_hosts file."""
+        return f"[{self.address}]:{self.port} {self.host_pub}\n"
+
+    def stop(self) -> None:
+        """Kill this host's sshd (the host goes 'down'); idempotent."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+class SshdFleet:
+    """Starts and stops sshd test hosts; writes known_hosts and inventory files for them."""
+
+    def __init__(self, tmp: Path, user_key: Path) -> None:
+        self.tmp = tmp
+        self.user_key = user_key
+        self.hosts: list[TestHost] = []
+        self.known_hosts = tmp / "known_hosts"
+        self.known_hosts.write_text("")
+        if os.geteuid() == 0:
+            os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation dir when run as root
+
+    def start(self, name: str, trust: bool = True) -> TestHost:
+        """Start one device; `trust` adds its host key to the fleet's known_hosts."""
+        address = f"127.0.0.{next(_addresses) % 250 + 2}"
+        port = _free_port(address)
+        root = self.tmp / name
+        root.mkdir(parents=True)
+        (root / "deploy").mkdir()
+        keygen(root / "ssh_host_ed25519_key")
+        shutil.copyfile(f"{self.user_key}.pub", root / "authorized_keys")
+        user = os.environ.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
+        cfg = root / "sshd_config"
+        cfg.write_text("\n".join([
+            f"ListenAddress {address}:{port}",
+            f"HostKey {root / 'ssh_host_ed25519_key'}",
+            f"AuthorizedKeysFile {root / 'authorized_keys'}",
+            f"PidFile {root / 'sshd.pid'}",
+            "StrictModes no", "UsePAM no", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+            "PubkeyAuthentication yes", "PermitRootLogin prohibit-password", f"AllowUsers {user}",
+            "Subsystem sftp internal-sftp", "LogLevel ERROR", "MaxStartups 200:30:400", "UseDNS no", "",
+        ]))
+        log = root / "sshd.log"
+        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(cfg)], stdout=open(log, "wb"),
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        host = TestHost(name, address, port, root, proc)
+        try:
+            _wait_listening(address, port, proc, log)
+        except RuntimeError:
+            host.stop()
+            raise
+        self.hosts.append(host)
+        if trust:
+            with open(self.known_hosts, "a") as f:
+                f.write(host.known_hosts_line())
+        return host
+
+    def down_host(self, name: str) -> TestHost:
+        """A host entry whose address has no sshd listening (a device that is off)."""
+        address = f"127.0.0.{next(_addresses) % 250 + 2}"
+        root = self.tmp / name
+        (root / "deploy").mkdir(parents=True)
+        return TestHost(name, address, _free_port(address), root, None)
+
+    def stop_all(self) -> None:
+        """Stop every sshd this fleet started."""
+        for h in self.hosts:
+            h.stop()
+
+    def inventory(self, groups: dict[str, list[tuple[TestHost, dict[str, Any]]]], path: Path | None = None,
+                  concurrency: int = 16) -> Path:
+        """Write an inventory for these hosts: {group: [(host, overrides)]}."""
+        user = os.environ.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
+        doc: dict[str, Any] = {
+            "settings": {"concurrency": concurrency, "known_hosts": str(self.known_hosts), "connect_timeout_s": 5},
+            "defaults": {"user": user, "key": str(self.user_key), "agent": False, "accept_new_host_key": False,
+                         "python": DEVICE_PYTHON, "ort_threads": 1, "thermal_throttle_c": 80.0,
+                         "thermal_resume_c": 70.0, "bench_warmup": 1, "bench_iterations": 3, "conf": 0.01,
+                         "iou": 0.45, "max_det": 100, "arch": "x86_64"},
+            "groups": {},
+        }
+        for group, members in groups.items():
+            hosts = {}
+            for h, overrides in members:
+                entry = {"address": h.address, "port": h.port, "deploy_dir": str(h.deploy_dir)}
+                entry.update(overrides)
+                hosts[h.name] = entry
+            kind = "jetson" if group.startswith("jetson") else "pi"
+            defaults = {"kind": kind, "runtime": "tensorrt" if kind == "jetson" else "onnxruntime",
+                        "precision": "fp16" if kind == "jetson" else "fp32"}
+            if kind == "jetson":
+                defaults["trt_workspace_mb"] = 256
+            doc["groups"][group] = {"defaults": defaults, "hosts": hosts}
+        out = path or self.tmp / "inventory.yaml"
+        out.write_text(yaml.safe_dump(doc, sort_keys=False))
+        return out
+
+
+@pytest.fixture(scope="session")
+def user_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fleet operator's SSH key (authorized on every test host)."""
+    return keygen(tmp_path_factory.mktemp("userkey") / "id_ed25519")
+
+
+@pytest.fixture
+def sshd_fleet(tmp_path: Path, user_key: Path) -> Iterator[SshdFleet]:
+    """A factory of real sshd test hosts, all stopped at the end of the test."""
+    if not sshd_available():
+        pytest.skip(f"OpenSSH server not installed ({SSHD}); run scripts/bootstrap.sh --with-sshd")
+    (tmp_path / "fleet").mkdir()
+    fleet = SshdFleet(tmp_path / "fleet", user_key)
+    try:
+        yield fleet
+    finally:
+        fleet.stop_all()
+
+
+def make_variant(src: Path, dest: Path, tag: str) -> Path:
+    """A copy of an ONNX model with one extra metadata entry: same behaviour, different sha256."""
+    import onnx
+
+    model = onnx.load(str(src))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "fleet_test_variant", tag
+    dest.write_bytes(model.SerializeToString())
+    return dest
+
+
+def make_broken_model(src: Path, dest: Path) -> Path:
+    """A valid ONNX graph with the real model's metadata whose output is NOT detections
+    (an Identity of the input): it loads and runs, so only the health check can catch it."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    real = onnx.load(str(src))
+    shape = [d.dim_value for d in real.graph.input[0].type.tensor_type.shape.dim]
+    graph = helper.make_graph([helper.make_node("Identity", [real.graph.input[0].name], ["output0"])], "broken",
+                              [helper.make_tensor_value_info(real.graph.input[0].name, TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("output0", TensorProto.FLOAT, shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = real.ir_version
+    for p in real.metadata_props:
+        e = model.metadata_props.add()
+        e.key, e.value = p.key, p.value
+    dest.write_bytes(model.SerializeToString())
+    return dest
+
+
+@pytest.fixture(scope="session")
+def fleet_models(tiny_model: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A models/ folder (yolov8n, a same-behaviour variant 'alt', a 'broken' one) + health samples."""
+    from pipeline.fleet.artifacts import Sources
+
+    models = tmp_path_factory.mktemp("models")
+    shutil.copyfile(tiny_model["onnx"], models / "yolov8n.onnx")
+    make_variant(tiny_model["onnx"], models / "alt.onnx", "alt")
+    make_broken_model(tiny_model["onnx"], models / "broken.onnx")
+    sources = Sources(models_dir=models, samples_dir=tiny_model["dataset"] / "images" / "val", runtime_root=REPO)
+    return {"dir": models, "sources": sources}

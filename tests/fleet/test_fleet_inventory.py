@@ -1,0 +1,158 @@
+"""Inventory validation, artifact resolution and import hygiene (no SSH needed)."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline.fleet.artifacts import ArtifactError, Sources, build_release, runtime_bundle, select_model_files
+from pipeline.fleet.inventory import InventoryError, load_inventory, parse_inventory
+from pipeline.fleet.remote import device_command
+
+REPO = Path(__file__).resolve().parents[2]
+
+BASE: dict[str, Any] = {
+    "settings": {"concurrency": 4, "known_hosts": "~/.ssh/known_hosts"},
+    "defaults": {"port": 22, "user": "pi", "key": "~/.ssh/id_ed25519", "agent": False, "accept_new_host_key": False,
+                 "arch": "aarch64", "python": "/usr/bin/python3", "ort_threads": 4, "thermal_throttle_c": 80,
+                 "thermal_resume_c": 70, "bench_warmup": 1, "bench_iterations": 5, "conf": 0.25, "iou": 0.45,
+                 "max_det": 100, "deploy_dir": "/home/pi/edge"},
+    "groups": {
+        "pis": {"defaults": {"kind": "pi", "runtime": "onnxruntime", "precision": "int8"},
+                "hosts": {"pi1": {"address": "10.0.0.1"}, "pi2": {"address": "10.0.0.2", "precision": "fp32"}}},
+        "jetsons": {"defaults": {"kind": "jetson", "runtime": "tensorrt", "precision": "fp16", "trt_workspace_mb": 512},
+                    "hosts": {"j1": {"address": "10.0.0.3"}}},
+    },
+}
+
+
+def _parse(doc: dict[str, Any]) -> Any:
+    return parse_inventory(doc, Path("inventory.yaml"))
+
+
+def test_repo_inventory_loads() -> None:
+    inv = load_inventory(REPO / "inventory.yaml")
+    assert {"pis", "jetsons", "local"} <= set(inv.groups)
+    local = inv.select("local")
+    assert all(h.kind == "local" and h.runtime == "onnxruntime" for h in local)
+
+
+def test_defaults_and_overrides() -> None:
+    inv = _parse(copy.deepcopy(BASE))
+    pi1, pi2 = inv.select("pis")
+    assert (pi1.precision, pi2.precision) == ("int8", "fp32")  # host override beats group default
+    assert pi1.frames_dir == "/home/pi/edge/frames"
+    assert inv.select(host="j1")[0].trt_workspace_mb == 512
+
+
+@pytest.mark.parametrize("field,value", [
+    ("address", "10.0.0.1;reboot"), ("address", "$(reboot)"), ("user", "pi&&rm"), ("deploy_dir", "/home/pi/a b"),
+    ("deploy_dir", "/tmp/`id`"), ("python", "python3|sh"), ("python", "py\nthon"), ("key", "~/k'ey"),
+    ("arch", "x>y"), ("frames_dir", "/tmp/*"),
+])
+def test_hostile_values_rejected(field: str, value: str) -> None:
+    doc = copy.deepcopy(BASE)
+    doc["groups"]["pis"]["hosts"]["pi1"][field] = value
+    with pytest.raises(InventoryError, match=rf"host 'pi1'.*field '{field}'.*metacharacter"):
+        _parse(doc)
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda d: d["groups"]["pis"]["hosts"]["pi1"].update(colour="red"), r"host 'pi1'.*unknown field 'colour'"),
+    (lambda d: d["defaults"].pop("python"), r"host 'pi1'.*missing field 'python'"),
+    (lambda d: d["groups"]["jetsons"]["hosts"].update(pi1={"address": "10.0.0.9"}),
+     r"host 'pi1' is listed in group 'pis' and again in group 'jetsons'"),
+    (lambda d: d["groups"]["pis"]["hosts"]["pi1"].update(precision="fp16"), r"'precision' is 'fp16'"),
+    (lambda d: d["groups"]["jetsons"]["defaults"].pop("trt_workspace_mb"), r"host 'j1'.*trt_workspace_mb"),
+    (lambda d: d["groups"]["pis"]["hosts"]["pi1"].update(port="22"), r"'port' must be an integer"),
+    (lambda d: d["defaults"].update(key=None), r"no authentication"),
+    (lambda d: d["groups"]["pis"]["hosts"]["pi1"].update(deploy_dir="~/edge"), r"field 'deploy_dir'.*'~' is not expanded"),
+    (lambda d: d["groups"]["pis"]["hosts"]["pi1"].update(thermal_resume_c=90), r"thermal_resume_c must be below"),
+])
+def test_invalid_inventory(mutate: Any, message: str) -> None:
+    doc = copy.deepcopy(BASE)
+    mutate(doc)
+    with pytest.raises(InventoryError, match=message):
+        _parse(doc)
+
+
+def test_duplicate_yaml_key_rejected(tmp_path: Path) -> None:
+    text = yaml.safe_dump(BASE, sort_keys=False).replace("    pi2:", "    pi1:")
+    (tmp_path / "inv.yaml").write_text(text)
+    with pytest.raises(InventoryError, match="duplicate key 'pi1'"):
+        load_inventory(tmp_path / "inv.yaml")
+
+
+def test_unknown_group_and_host() -> None:
+    inv = _parse(copy.deepcopy(BASE))
+    with pytest.raises(InventoryError, match="unknown group 'robots'.*defines: pis, jetsons"):
+        inv.select("robots")
+    with pytest.raises(InventoryError, match="unknown host 'pi9'"):
+        inv.select("pis", "pi9")
+    with pytest.raises(InventoryError, match="--group NAME or --host NAME"):
+        inv.select()
+
+
+def test_unknown_group_from_fab(tmp_path: Path) -> None:
+    (tmp_path / "inv.yaml").write_text(yaml.safe_dump(BASE))
+    p = subprocess.run([str(REPO / ".venv/bin/fab"), "-r", str(REPO), "deploy", "--group", "robots",
+                        "--inventory", str(tmp_path / "inv.yaml")], capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode != 0
+    assert "unknown group 'robots'" in p.stderr + p.stdout
+    assert "Traceback" not in p.stderr
+
+
+def test_remote_commands_are_quoted() -> None:
+    host = _parse(copy.deepcopy(BASE)).select(host="pi1")[0]
+    cmd = device_command(host, "/home/pi/edge/runtime/abc", "health", ["--release", "/x/it's"])
+    assert cmd == ("cd /home/pi/edge/runtime/abc && /usr/bin/python3 -m pipeline.device health "
+                   "--release '/x/it'\"'\"'s'")
+
+
+def test_int8_needs_quantize(tmp_path: Path) -> None:
+    inv = _parse(copy.deepcopy(BASE))
+    (tmp_path / "yolov8n.onnx").write_bytes(b"x")
+    with pytest.raises(ArtifactError, match=r"yolov8n\.int8\.onnx not found.*dvc repro quantize"):
+        select_model_files(inv.select(host="pi1")[0], tmp_path, "yolov8n")
+    assert select_model_files(inv.select(host="pi2")[0], tmp_path, "yolov8n") == (tmp_path / "yolov8n.onnx", None)
+    doc = copy.deepcopy(BASE)
+    doc["groups"]["jetsons"]["hosts"]["j1"]["precision"] = "int8"
+    with pytest.raises(ArtifactError, match=r"int8\.trt\.onnx not found.*dvc repro quantize"):
+        select_model_files(_parse(doc).select(host="j1")[0], tmp_path, "yolov8n")
+    with pytest.raises(ArtifactError, match="give a model name"):
+        select_model_files(inv.select(host="pi2")[0], tmp_path, "../x;y")
+
+
+def test_runtime_bundle_is_exactly_the_device_package() -> None:
+    b = runtime_bundle(REPO)
+    assert "pipeline/__init__.py" in b.files
+    assert all(n == "pipeline/__init__.py" or n.startswith("pipeline/device/") for n in b.files)
+    assert not any("__pycache__" in n for n in b.files)
+    assert runtime_bundle(REPO).name == b.name  # content-addressed: stable
+
+
+@pytest.mark.slow
+def test_release_is_content_addressed(fleet_models: dict[str, Any]) -> None:
+    inv = _parse(copy.deepcopy(BASE))
+    sources: Sources = fleet_models["sources"]
+    rt = runtime_bundle(sources.runtime_root)
+    pi2 = inv.select(host="pi2")[0]
+    a, b = build_release(pi2, sources, "yolov8n", rt), build_release(pi2, sources, "yolov8n", rt)
+    assert a.manifest.release == b.manifest.release and len(a.manifest.release) == 12
+    assert a.manifest.health_sample() == "health_sample.jpg"
+    assert build_release(pi2, sources, "alt", rt).manifest.release != a.manifest.release
+
+
+def test_fleet_imports_no_heavy_modules() -> None:
+    code = ("import sys; sys.path.insert(0, %r); import fabfile, pipeline.fleet.runner, pipeline.fleet.steps, "
+            "pipeline.fleet.connection, pipeline.fleet.artifacts, pipeline.fleet.mlflow_log; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ultralytics', 'dvc', 'mlflow', 'onnx'}))"
+            % str(REPO))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
