@@ -182,8 +182,11 @@ def source_run_id(model_sha256: str) -> str:
     if exp is None:
         return ""
     runs = client.search_runs([exp.experiment_id], f"tags.model_sha256 = '{model_sha256}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0].info.run_id if runs else ""
+                              order_by=["attributes.start_time DESC"], max_results=50)
+    # Fleet runs carry model_sha256 too (they consumed the model); the producer is a pipeline stage.
+    producers = [r for r in runs if r.data.tags.get("stage") and "fleet_command" not in r.data.tags
+                 and not r.data.tags.get("stage", "").endswith("-device")]
+    return producers[0].info.run_id if producers else ""
 
 
 def build_release(host: Host, sources: Sources, model: str, runtime: Bundle,
