@@ -236,6 +236,11 @@ _DEFECTS: dict[int, tuple[Drawer, tuple[float, float], tuple[float, float]]] = {
 }
 _SMALL = (10, 24)  # pixels at 256 px; scaled with image size
 
+# Thin-line defects carry little signal per pixel: a 1-px stroke at the bottom of the contrast
+# range vanishes in the grain, which would be label noise, not difficulty. Real scratches and
+# cracks catch the light, so their amplitude is scaled up (still capped by max_contrast * gain).
+_CONTRAST_GAIN = {0: 1.25, 5: 1.6}
+
 
 # ------------------------------------------------------------------------------------------
 # Clutter: defect-like marks that are NOT labelled.
@@ -321,7 +326,7 @@ def render_image(rng: np.random.Generator, cfg: GeneratorConfig) -> tuple[np.nda
         # Small AND faint would be invisible, i.e. label noise: small defects take the upper
         # 60% of the contrast range, large ones the whole range.
         lo = cfg.min_contrast + (0.4 * (cfg.max_contrast - cfg.min_contrast) if small else 0.0)
-        contrast = rng.uniform(lo, cfg.max_contrast)
+        contrast = rng.uniform(lo, cfg.max_contrast) * _CONTRAST_GAIN.get(cls, 1.0)
         img += mask * texture * contrast
         regions.append(region)
         boxes.append(Box(cls, int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
