@@ -167,6 +167,101 @@ class ExportParams:
         _check(self.parity_atol_box > 0 and self.parity_atol_score > 0, "export parity tolerances must be > 0")
 
 
+@dataclass(frozen=True)
+class CameraModelParams:
+    """One deployment camera's fixed optics/sensor model (what the training images never saw)."""
+
+    id: str  # folder name under frames/ (a fleet host name for ingested frames)
+    width: int  # sensor output size: the square render is resized to width x height
+    height: int
+    exposure: float  # brightness gain on the render (1 = the training set's exposure)
+    wb_gains: tuple[float, ...]  # white-balance cast: per-channel gains in B, G, R order
+    shot_noise: float  # photon noise: sigma = shot_noise * sqrt(grey level)
+    read_noise: float  # sensor read noise sigma, grey levels
+    blur: Literal["none", "motion", "defocus"]
+    blur_px: float  # motion: streak length in px along x (the strip moves); defocus: disc radius in px
+    vignetting: float  # brightness lost in the corners (0 = none, 0.4 = corners at 60%)
+    jpeg_quality: int
+
+    def __post_init__(self) -> None:
+        where = f"camera.synthetic.cameras[id={self.id!r}]"
+        _check(bool(self.id) and "/" not in self.id and self.id not in (".", ".."),
+               f"{where}.id must be a non-empty folder name without '/'")
+        _check(32 <= self.width <= 4096 and 32 <= self.height <= 4096, f"{where}: width and height must be in [32, 4096]")
+        _check(0.05 <= self.exposure <= 5.0, f"{where}.exposure must be in [0.05, 5]")
+        _check(len(self.wb_gains) == 3 and all(0.2 <= g <= 3.0 for g in self.wb_gains),
+               f"{where}.wb_gains must be 3 gains (B, G, R), each in [0.2, 3]")
+        _check(self.shot_noise >= 0 and self.read_noise >= 0, f"{where}: shot_noise and read_noise must be >= 0")
+        _check(0.0 <= self.blur_px <= 32.0, f"{where}.blur_px must be in [0, 32]")
+        _check(0.0 <= self.vignetting < 1.0, f"{where}.vignetting must be in [0, 1)")
+        _check(30 <= self.jpeg_quality <= 100, f"{where}.jpeg_quality must be in [30, 100]")
+
+
+@dataclass(frozen=True)
+class CameraSyntheticParams:
+    """Synthetic deployment frames: scenes from the defect generator seen through camera models."""
+
+    scenes_per_camera: int  # distinct scenes per camera (unlabelled frames)
+    burst_length: int  # near-identical consecutive frames per scene, as a streaming camera delivers
+    burst_shift_px: float  # max sub-frame shift between frames of one burst (vibration)
+    exposure_jitter: float  # per-scene relative exposure change (auto-exposure hunting, lamp flicker)
+    wb_jitter: float  # per-scene relative change of each white-balance gain
+    labelled_images: int  # size of the labelled camera-domain val split (cameras round-robin)
+    cameras: tuple[CameraModelParams, ...]
+
+    def __post_init__(self) -> None:
+        _check(self.scenes_per_camera >= 1, "camera.synthetic.scenes_per_camera must be >= 1")
+        _check(self.burst_length >= 1, "camera.synthetic.burst_length must be >= 1")
+        _check(0.0 <= self.burst_shift_px <= 8.0, "camera.synthetic.burst_shift_px must be in [0, 8]")
+        _check(0.0 <= self.exposure_jitter < 0.5, "camera.synthetic.exposure_jitter must be in [0, 0.5)")
+        _check(0.0 <= self.wb_jitter < 0.5, "camera.synthetic.wb_jitter must be in [0, 0.5)")
+        _check(self.labelled_images >= 1, "camera.synthetic.labelled_images must be >= 1")
+        _check(len(self.cameras) >= 1, "camera.synthetic.cameras must list at least one camera")
+        ids = [c.id for c in self.cameras]
+        _check(len(set(ids)) == len(ids), f"camera.synthetic.cameras: duplicate camera id in {ids}; ids must be unique")
+
+
+@dataclass(frozen=True)
+class CameraParams:
+    """Stage `camera`: deployment-camera frames for calibration plus a labelled camera-domain split."""
+
+    source: Literal["synthetic", "ingest"]
+    ingest_dir: str  # source ingest: one folder per camera (images or one video), e.g. from `fab collect-frames`
+    ingest_labelled_dir: str  # source ingest: optional YOLO folder of labelled camera frames; "" = none
+    video_fps: float  # source ingest: frames per second sampled from a video file
+    synthetic: CameraSyntheticParams
+
+    def __post_init__(self) -> None:
+        if self.source == "ingest":
+            _check(bool(self.ingest_dir), "camera.ingest_dir is empty but camera.source is 'ingest': set it (data/camera)")
+        _check(0.0 < self.video_fps <= 120.0, "camera.video_fps must be in (0, 120]")
+
+
+@dataclass(frozen=True)
+class CalibrateParams:
+    """Stage `calibrate`: dedup, diverse selection and preprocessing of the calibration sets."""
+
+    imgsz: int  # model input size; must equal export.imgsz (the tensors feed that model)
+    size: int  # frames per calibration set
+    phash_size: int  # pHash bits = phash_size**2 (DCT low-frequency block)
+    phash_highfreq: int  # the DCT runs on a (phash_size * phash_highfreq)^2 grey thumbnail
+    dedup_hamming: int  # frames whose pHashes differ in <= this many bits are near-duplicates
+    thumb_size: int  # descriptor: thumb_size^2 grey thumbnail ...
+    hist_bins: int  # ... plus a hist_bins-per-channel colour histogram
+    hist_weight: float  # weight of the colour histogram against the thumbnail in the descriptor
+
+    def __post_init__(self) -> None:
+        _check(self.imgsz % 32 == 0 and self.imgsz >= 64, "calibrate.imgsz must be a multiple of 32, >= 64")
+        _check(self.size >= 1, "calibrate.size must be >= 1")
+        _check(4 <= self.phash_size <= 16, "calibrate.phash_size must be in [4, 16]")
+        _check(2 <= self.phash_highfreq <= 8, "calibrate.phash_highfreq must be in [2, 8]")
+        _check(0 <= self.dedup_hamming < self.phash_size**2 // 2,
+               "calibrate.dedup_hamming must be in [0, phash_size^2 / 2)")
+        _check(4 <= self.thumb_size <= 64, "calibrate.thumb_size must be in [4, 64]")
+        _check(2 <= self.hist_bins <= 64, "calibrate.hist_bins must be in [2, 64]")
+        _check(self.hist_weight >= 0, "calibrate.hist_weight must be >= 0")
+
+
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------

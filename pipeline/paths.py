@@ -22,6 +22,19 @@ TRAIN_EPOCHS = Path("reports/train/epochs.csv")
 ONNX_MODEL = Path("models/yolov8n.onnx")
 EXPORT_METRICS = Path("reports/export/metrics.json")
 
+CAMERA_FRAMES_DIR = Path("data/camera_frames")  # stage camera: frames/<camera-id>/*.jpg + labelled/
+CAMERA_FRAMES = CAMERA_FRAMES_DIR / "frames"
+CAMERA_LABELLED = CAMERA_FRAMES_DIR / "labelled"  # YOLO layout, split val, dataset.yaml
+CAMERA_LABELLED_YAML = CAMERA_LABELLED / "dataset.yaml"
+CAMERA_METRICS = Path("reports/camera/metrics.json")
+
+CALIBRATION_DIR = Path("calibration")  # calibration/<set>/tensors.npy + manifest.json
+CALIBRATION_CAMERA = CALIBRATION_DIR / "camera"  # from CAMERA_FRAMES (the default for quantize)
+CALIBRATION_TRAIN = CALIBRATION_DIR / "train"  # from the training images (for comparison)
+CALIBRATION_TENSORS = "tensors.npy"  # file names inside a set folder
+CALIBRATION_MANIFEST = "manifest.json"
+CALIBRATE_METRICS = Path("reports/calibrate/metrics.json")
+
 
 def repo_root() -> Path:
     """The repository root: the folder that holds the `pipeline` package (and dvc.yaml)."""
