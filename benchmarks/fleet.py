@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 def _load(path: Path, name: str):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up here
     spec.loader.exec_module(module)
     return module
 
@@ -43,6 +44,7 @@ def tiny_model(root: Path) -> tuple[Path, Path]:
     from pipeline import data, export, train
 
     tiny_params = _load(REPO / "tests" / "conftest.py", "root_conftest").tiny_params
+    root.mkdir(parents=True, exist_ok=True)
     params = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()))
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"

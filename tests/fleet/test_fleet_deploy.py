@@ -15,7 +15,7 @@ from pipeline.fleet import runner
 from pipeline.fleet.inventory import load_inventory
 from pipeline.fleet.results import FleetError, format_table, raise_for_failures
 
-pytestmark = [pytest.mark.ssh, pytest.mark.slow]
+pytestmark = pytest.mark.slow  # every test deploys the tiny YOLOv8n (built once, ~30 s)
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -44,6 +44,7 @@ def _health(host_deploy: Path) -> dict[str, Any]:
     return {"exit": p.returncode, **json.loads(p.stdout)}
 
 
+@pytest.mark.ssh
 def test_first_deploy_redeploy_down_host_jetson_and_mlflow(sshd_fleet: Any, fleet_models: dict[str, Any],
                                                           tmp_path: Path) -> None:
     pi1, pi2 = sshd_fleet.start("pi1"), sshd_fleet.start("pi2")
@@ -113,6 +114,7 @@ def test_first_deploy_redeploy_down_host_jetson_and_mlflow(sshd_fleet: Any, flee
     assert (jet.deploy_dir / "releases" / j.release / "manifest.json").is_file()
 
 
+@pytest.mark.ssh
 def test_failing_health_check_keeps_previous_and_rollback(sshd_fleet: Any, fleet_models: dict[str, Any],
                                                           tmp_path: Path) -> None:
     pi = sshd_fleet.start("pi1")
@@ -155,6 +157,7 @@ runner.deploy(load_inventory({inv!r}), group="pis", model="alt", log_to_mlflow=F
 """
 
 
+@pytest.mark.ssh
 def test_deploy_killed_mid_transfer(sshd_fleet: Any, fleet_models: dict[str, Any], tmp_path: Path) -> None:
     pi = sshd_fleet.start("pi1")
     inv = sshd_fleet.inventory({"pis": [(pi, {})]})
@@ -175,6 +178,7 @@ def test_deploy_killed_mid_transfer(sshd_fleet: Any, fleet_models: dict[str, Any
     assert _health(pi.deploy_dir)["ok"]
 
 
+@pytest.mark.ssh
 def test_unknown_host_key_refused_unless_opted_in(sshd_fleet: Any, fleet_models: dict[str, Any],
                                                   tmp_path: Path) -> None:
     stranger = sshd_fleet.start("stranger", trust=False)
@@ -197,6 +201,7 @@ def test_unknown_host_key_refused_unless_opted_in(sshd_fleet: Any, fleet_models:
     assert stranger.host_pub in sshd_fleet.known_hosts.read_text()
 
 
+@pytest.mark.ssh
 def test_collect_frames_round_trip(sshd_fleet: Any, tmp_path: Path) -> None:
     pi = sshd_fleet.start("pi1")
     inv = sshd_fleet.inventory({"pis": [(pi, {})]})
