@@ -69,8 +69,16 @@ def first_repro(repo: Path, env: dict[str, str]) -> str:
 def test_outputs_and_metrics(repo: Path, first_repro: str) -> None:
     for out in ("data/defects/dataset.yaml", "models/yolov8n.pt", "models/yolov8n.onnx",
                 "reports/data/metrics.json", "reports/train/metrics.json", "reports/train/epochs.csv",
-                "reports/export/metrics.json"):
+                "reports/export/metrics.json",
+                # issue 3: camera frames and calibration sets
+                "data/camera_frames/labelled/dataset.yaml", "reports/camera/metrics.json",
+                "calibration/camera/tensors.npy", "calibration/camera/manifest.json",
+                "calibration/train/tensors.npy", "calibration/train/manifest.json", "reports/calibrate/metrics.json"):
         assert (repo / out).is_file(), out
+    assert sorted(p.name for p in (repo / "data/camera_frames/frames").iterdir()), "no camera folders"
+    calib = json.loads((repo / "reports/calibrate/metrics.json").read_text())
+    assert calib["camera"]["selected"] == calib["train"]["selected"] > 0
+    assert calib["camera"]["duplicates_dropped"] > 0, "synthetic camera bursts were not deduplicated"
     train = json.loads((repo / "reports/train/metrics.json").read_text())
     assert set(train) >= {"precision", "recall", "mAP50", "mAP50-95"} and train["epochs"] == 1
     export = json.loads((repo / "reports/export/metrics.json").read_text())
@@ -90,11 +98,12 @@ def test_onnx_metadata(repo: Path, first_repro: str) -> None:
     assert "crazing" in meta["names"] and meta["imgsz"] == "[64, 64]" and meta["stride"] == "32"
 
 
-def test_one_mlflow_run_per_stage(first_repro: str, env: dict[str, str]) -> None:
+def test_one_mlflow_run_per_stage(repo: Path, first_repro: str, env: dict[str, str]) -> None:
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
     exps = client.search_experiments()
     runs = [r for e in exps for r in client.search_runs([e.experiment_id])]
-    assert sorted(r.data.tags.get("stage") for r in runs) == ["data", "export", "train"], \
+    stages = sorted(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
+    assert sorted(r.data.tags.get("stage") for r in runs) == stages, \
         f"expected one run per stage, got {[(r.info.run_name, r.data.tags.get('stage')) for r in runs]}"
     train = next(r for r in runs if r.data.tags["stage"] == "train")
     assert train.info.status == "FINISHED"
@@ -110,7 +119,7 @@ def test_status_clean_and_second_repro_is_noop(repo: Path, env: dict[str, str], 
     assert "up to date" in status, status
     before = _lock_hashes(repo)
     again = _run(["dvc", "repro"], repo, env)
-    for stage in ("data", "train", "export"):
+    for stage in ("data", "train", "export", "camera", "calibrate"):
         assert f"Stage '{stage}' didn't change, skipping" in again, again
     assert _lock_hashes(repo) == before
 
@@ -122,4 +131,6 @@ def test_forced_repro_reproduces_hashes(repo: Path, env: dict[str, str], first_r
     assert after["data"] == before["data"], "synthetic data is not bit-reproducible"
     assert after["train"] == before["train"], "training is not bit-reproducible on CPU"
     assert after["export"] == before["export"], "ONNX export is not bit-reproducible"
+    assert after["camera"] == before["camera"], "camera frames are not bit-reproducible"
+    assert after["calibrate"] == before["calibrate"], "calibration sets are not bit-reproducible"
     assert "up to date" in _run(["dvc", "status"], repo, env)
