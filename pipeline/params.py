@@ -374,3 +374,57 @@ def _flatten_dict(d: dict[str, Any], prefix: str) -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+@dataclass(frozen=True)
+class QuantizeCandidate:
+    """One INT8 configuration the quantize stage builds, measures and gates."""
+
+    name: str
+    format: Literal["QDQ", "QOperator"]
+    activation: Literal["U8", "S8"]
+    weight: Literal["U8", "S8"]
+    symmetric: bool  # symmetric activation ranges (TensorRT needs them; S8 only)
+    op_types: tuple[str, ...]  # op types to quantize; [] = every type ORT can quantize
+    calibration: Literal["MinMax", "Percentile", "Entropy"]
+    percentile: float  # used by Percentile calibration
+    reduce_range: bool  # 7-bit weights: avoids U8S8 int16 saturation on CPUs without VNNI (AVX2)
+    float_layers: tuple[str, ...]  # extra layers kept in float: head_convs (last convs of the head), stem
+    head: Literal["float", "cut"]  # decode kept in float in the graph, or cut out to postprocess
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.float_layers) - {"head_convs", "stem"})
+        _check(not unknown, f"quantize candidate {self.name}: unknown float_layers {unknown}; use head_convs, stem")
+        _check(bool(self.name) and self.name.replace("_", "").replace("-", "").isalnum(),
+               f"quantize candidate name '{self.name}' must be letters, digits, - or _")
+        _check(90.0 <= self.percentile <= 100.0, f"quantize candidate {self.name}: percentile must be in [90, 100]")
+        _check(not (self.symmetric and self.activation == "U8"),
+               f"quantize candidate {self.name}: symmetric activations need activation S8")
+
+
+@dataclass(frozen=True)
+class QuantizeParams:
+    """Stage `quantize`: candidates, the accuracy gate and how latency is measured."""
+
+    calibration_set: str  # folder under calibration/ (camera = deployment frames, train = training images)
+    max_map_drop: float  # accuracy gate: max mAP50-95 drop vs FP32, absolute (0.005 = half a point)
+    eval_split: Literal["val", "test"]
+    eval_images: int  # 0 = the whole split
+    latency_warmup: int
+    latency_runs: int  # timed runs per model per round
+    latency_rounds: int  # rounds; models take turns inside each round
+    candidates: tuple[QuantizeCandidate, ...]
+    trt: QuantizeCandidate  # the symmetric QDQ model for TensorRT explicit quantization
+
+    def __post_init__(self) -> None:
+        _check(bool(self.calibration_set), "quantize.calibration_set must name a calibration set")
+        _check(0.0 <= self.max_map_drop < 1.0, "quantize.max_map_drop must be in [0, 1)")
+        _check(self.eval_images >= 0, "quantize.eval_images must be >= 0 (0 = all)")
+        _check(self.latency_runs >= 1 and self.latency_rounds >= 1 and self.latency_warmup >= 0,
+               "quantize latency_runs/latency_rounds must be >= 1 and latency_warmup >= 0")
+        _check(len(self.candidates) >= 1, "quantize.candidates must list at least one configuration")
+        names = [c.name for c in self.candidates]
+        _check(len(set(names)) == len(names), "quantize.candidates names must be unique")
+        _check(self.trt.format == "QDQ" and self.trt.activation == "S8" and self.trt.weight == "S8"
+               and self.trt.symmetric and self.trt.head == "float",
+               "quantize.trt must be symmetric S8S8 QDQ with the head in float (TensorRT explicit quantization)")

@@ -39,3 +39,9 @@ CALIBRATE_METRICS = Path("reports/calibrate/metrics.json")
 def repo_root() -> Path:
     """The repository root: the folder that holds the `pipeline` package (and dvc.yaml)."""
     return Path(__file__).resolve().parent.parent
+
+INT8_MODEL = Path("models/yolov8n.int8.onnx")  # stage quantize: the chosen CPU INT8 model
+INT8_TRT_MODEL = Path("models/yolov8n.int8.trt.onnx")  # symmetric QDQ for TensorRT
+DYNAMIC_MODEL = Path("models/yolov8n.dynamic.onnx")  # dynamic-quantization baseline
+QUANTIZE_CANDIDATES = Path("reports/quantize/candidates.csv")
+QUANTIZE_METRICS = Path("reports/quantize/metrics.json")

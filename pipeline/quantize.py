@@ -1,0 +1,360 @@
+"""Stage `quantize`: models/yolov8n.onnx -> INT8 models, chosen by measurement behind an accuracy gate.
+
+For every candidate configuration in params (QDQ/QOperator, U8/S8 activations, which op types,
+MinMax/Percentile/Entropy calibration, head decode kept in float or cut out of the graph):
+build it with ONNX Runtime static quantization on the calibration set (camera frames by
+default), measure its latency on this host (interleaved with FP32 and every other candidate,
+repeated, medians), and measure its mAP50-95 on the val split with the device's own pre/post
+processing. Candidates whose mAP50-95 drop vs FP32 exceeds `quantize.max_map_drop` are
+rejected; the fastest survivor becomes `models/yolov8n.int8.onnx`. If none survives, the stage
+fails with the whole table.
+
+Also written: `models/yolov8n.int8.trt.onnx` (symmetric S8S8 QDQ, head in float: TensorRT's
+explicit-quantization input) and `models/yolov8n.dynamic.onnx` (dynamic-quantization baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from pipeline import paths
+from pipeline.calibration_io import load_calibration_tensors
+from pipeline.device.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from pipeline.device.postprocess import FORMAT_RAW
+from pipeline.evaluation import Labelled, evaluate_session, load_split, onnx_session
+from pipeline.onnx_graph import (cut_before_decode, find_head_decode, head_convs, metadata, set_metadata, stem_conv,
+                                 verify_node_names)
+from pipeline.params import BaseParams, QuantizeCandidate, QuantizeParams, load_params
+from pipeline.tracking import log_artifact, log_metrics, set_tags, stage_run
+
+
+class AccuracyGateError(RuntimeError):
+    """No candidate kept mAP50-95 within `quantize.max_map_drop` of FP32."""
+
+
+@dataclass
+class CandidateResult:
+    """One row of reports/quantize/candidates.csv."""
+
+    name: str
+    config: str
+    map50_95: float
+    map50: float
+    drop: float
+    latency_ms: float
+    latency_spread_ms: float
+    speedup: float
+    size_bytes: int
+    passed: bool
+    model: bytes | None = None
+
+
+# ------------------------------------------------------------------------------------------
+# Building
+# ------------------------------------------------------------------------------------------
+
+
+class _TensorReader:
+    """ORT CalibrationDataReader over an (N, 3, H, W) array, one image per batch."""
+
+    def __init__(self, tensors: np.ndarray, input_name: str) -> None:
+        self._tensors = tensors
+        self._input = input_name
+        self._iter: Iterator[dict[str, np.ndarray]] | None = None
+        self.rewind()
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        """The next calibration batch, or None at the end."""
+        return next(self._iter, None) if self._iter is not None else None
+
+    def rewind(self) -> None:
+        """Start over (ORT calls this between calibration passes)."""
+        self._iter = ({self._input: t[None]} for t in self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
+def _calibration_method(name: str) -> Any:
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"MinMax": CalibrationMethod.MinMax, "Percentile": CalibrationMethod.Percentile,
+            "Entropy": CalibrationMethod.Entropy}[name]
+
+
+def describe(c: QuantizeCandidate) -> str:
+    """A one-line summary of a candidate's configuration (for the CSV and MLflow)."""
+    ops = "+".join(c.op_types) if c.op_types else "all"
+    rr = " reduce_range" if c.reduce_range else ""
+    fl = f" float={'+'.join(c.float_layers)}" if c.float_layers else ""
+    return f"{c.format} {c.activation}{c.weight}{rr} {c.calibration} ops={ops}{fl} head={c.head}"
+
+
+def build_candidate(fp32: Any, c: QuantizeCandidate, calib: np.ndarray, workdir: Path) -> bytes:
+    """Quantize the pre-processed FP32 model `fp32` (onnx.ModelProto) according to `c`.
+
+    The head decode is computed from the graph: kept in float (`head: float`) or removed from
+    the graph so the device decodes it on the few candidates above threshold (`head: cut`).
+    """
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    head = find_head_decode(fp32)
+    if c.head == "cut":
+        model = cut_before_decode(fp32, head)
+        exclude: list[str] = ["/predfl/Concat"] + [n.name for n in model.graph.node
+                                                   if n.output[0] in (head.box_concat, head.cls_concat)]
+    else:
+        model = fp32
+        exclude = list(head.nodes)
+    # Computed on the full FP32 graph: the cut graph keeps these nodes but not the DFL they feed.
+    if "head_convs" in c.float_layers:
+        exclude += head_convs(fp32)
+    if "stem" in c.float_layers:
+        exclude += stem_conv(fp32)
+    verify_node_names(model, exclude)
+    src = workdir / f"{c.name}.src.onnx"
+    dst = workdir / f"{c.name}.onnx"
+    onnx.save(model, str(src))
+    qtype = {"U8": QuantType.QUInt8, "S8": QuantType.QInt8}
+    extra = {
+        "ActivationSymmetric": c.activation == "S8" and c.symmetric,
+        "WeightSymmetric": True,
+        "CalibPercentile": c.percentile,
+        # Not CalibMaxIntermediateOutputs: ORT 1.31's MinMax calibrator discards the ranges of a
+        # chunk when it clears it, and fails outright when the set size is a multiple of it.
+    }
+    quantize_static(
+        str(src), str(dst), _TensorReader(calib, model.graph.input[0].name),
+        quant_format=QuantFormat.QDQ if c.format == "QDQ" else QuantFormat.QOperator,
+        op_types_to_quantize=list(c.op_types) or None,
+        per_channel=True, reduce_range=c.reduce_range,
+        activation_type=qtype[c.activation], weight_type=qtype[c.weight],
+        nodes_to_exclude=exclude, calibrate_method=_calibration_method(c.calibration),
+        extra_options=extra,
+    )
+    out = onnx.load(str(dst))
+    set_metadata(out, {**metadata(model), "quantization": describe(c), "quantization_candidate": c.name})
+    return out.SerializeToString()
+
+
+def build_dynamic(fp32_path: Path, workdir: Path) -> bytes:
+    """ORT dynamic quantization (weights int8, activations quantized at run time): the baseline."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    dst = workdir / "dynamic.onnx"
+    quantize_dynamic(str(fp32_path), str(dst), weight_type=QuantType.QUInt8, per_channel=False)
+    out = onnx.load(str(dst))
+    set_metadata(out, {"quantization": "dynamic U8 weights"})
+    return out.SerializeToString()
+
+
+# ------------------------------------------------------------------------------------------
+# Measuring
+# ------------------------------------------------------------------------------------------
+
+
+def interleaved_latency(sessions: dict[str, Any], inputs: Sequence[np.ndarray], warmup: int, runs: int,
+                        rounds: int) -> dict[str, tuple[float, float]]:
+    """Median ms per inference and spread (max-min of round medians) for each session.
+
+    Sessions take turns inside every round, so a noisy neighbour or a frequency change hits all
+    of them alike; the per-round median discards outliers and the median over rounds is reported.
+    """
+    names = list(sessions)
+    feeds = {n: (sessions[n].get_inputs()[0].name) for n in names}
+    for n in names:
+        for i in range(warmup):
+            sessions[n].run(None, {feeds[n]: inputs[i % len(inputs)]})
+    per_round: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]  # rotate who goes first
+        for n in order:
+            times = []
+            for i in range(runs):
+                x = inputs[i % len(inputs)]
+                t0 = time.perf_counter()
+                sessions[n].run(None, {feeds[n]: x})
+                times.append((time.perf_counter() - t0) * 1000)
+            per_round[n].append(statistics.median(times))
+    return {n: (statistics.median(v), max(v) - min(v)) for n, v in per_round.items()}
+
+
+# ------------------------------------------------------------------------------------------
+# The stage
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantizeResult:
+    """The candidate table, the FP32 reference and the chosen candidate."""
+
+    fp32_map50_95: float
+    fp32_latency_ms: float
+    fp32_size: int
+    rows: list[CandidateResult]
+    chosen: CandidateResult
+    trt_size: int
+    dynamic_size: int
+
+
+def quantize(model_path: Path, calib_dir: Path, dataset_dir: Path, outs: dict[str, Path], p: QuantizeParams,
+             base: BaseParams) -> QuantizeResult:
+    """Build, measure and gate every candidate; write the chosen, TRT and dynamic models to `outs`."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if not model_path.is_file():
+        raise ValueError(f"{model_path} not found; run the export stage first (dvc repro export)")
+    try:
+        fp32_raw = onnx.load(str(model_path))
+    except Exception as e:
+        raise ValueError(f"{model_path} is not a readable ONNX model ({e}); re-run the export stage") from e
+    meta = metadata(fp32_raw)
+    if meta.get("output_format", FORMAT_RAW) != FORMAT_RAW:
+        raise ValueError(f"{model_path} has output_format {meta.get('output_format')}; quantize expects the raw export")
+    names = _class_names(meta, model_path)
+    calib = load_calibration_tensors(calib_dir, int(fp32_raw.graph.input[0].type.tensor_type.shape.dim[2].dim_value))
+    items = load_split(dataset_dir, p.eval_split, len(names), p.eval_images or None)
+
+    with tempfile.TemporaryDirectory(prefix="quantize-") as tmp:
+        work = Path(tmp)
+        pre = work / "fp32.pre.onnx"
+        quant_pre_process(str(model_path), str(pre), skip_symbolic_shape=False)
+        fp32 = onnx.load(str(pre))
+        set_metadata(fp32, meta)
+        fp32_session = onnx_session(model_path, base.threads)
+        fp32_acc, _ = evaluate_session(fp32_session, items, names)
+        print(f"quantize: FP32 mAP50-95 {fp32_acc.map50_95:.4f} on {len(items)} {p.eval_split} images", flush=True)
+
+        built: dict[str, bytes] = {}
+        accs = {}
+        for c in p.candidates:
+            t0 = time.monotonic()
+            built[c.name] = build_candidate(fp32, c, calib, work)
+            accs[c.name], _ = evaluate_session(onnx_session(built[c.name], base.threads), items, names)
+            print(f"quantize: {c.name:<24} mAP50-95 {accs[c.name].map50_95:.4f} "
+                  f"(drop {fp32_acc.map50_95 - accs[c.name].map50_95:+.4f}) built+evaluated in "
+                  f"{time.monotonic() - t0:.0f}s", flush=True)
+
+        sessions = {"fp32": fp32_session, **{n: onnx_session(b, base.threads) for n, b in built.items()}}
+        inputs = [calib[i] [None] for i in range(min(8, len(calib)))]
+        latency = interleaved_latency(sessions, inputs, p.latency_warmup, p.latency_runs, p.latency_rounds)
+        fp32_ms = latency["fp32"][0]
+        rows = []
+        for c in p.candidates:
+            drop = fp32_acc.map50_95 - accs[c.name].map50_95
+            ms, spread = latency[c.name]
+            rows.append(CandidateResult(
+                c.name, describe(c), accs[c.name].map50_95, accs[c.name].map50, drop, ms, spread,
+                fp32_ms / ms, len(built[c.name]), drop <= p.max_map_drop, built[c.name]))
+        passed = [r for r in rows if r.passed]
+        table = candidates_csv(rows, fp32_acc.map50_95, fp32_ms, model_path.stat().st_size)
+        atomic_write_text(outs["candidates"], table)
+        if not passed:
+            raise AccuracyGateError(
+                f"no INT8 candidate kept mAP50-95 within quantize.max_map_drop={p.max_map_drop} of FP32 "
+                f"({fp32_acc.map50_95:.4f}):\n{table}Relax max_map_drop, add candidates (e.g. Percentile/Entropy "
+                "calibration, fewer op types) or a larger calibration set in params.yaml"
+            )
+        chosen = min(passed, key=lambda r: r.latency_ms)
+        chosen_model = onnx.load_from_string(chosen.model)
+        set_metadata(chosen_model, {"fp32_sha256": sha256_file(model_path),
+                                    "calibration_set": calib_dir.name})
+        atomic_write_bytes(outs["int8"], chosen_model.SerializeToString())
+
+        trt = build_candidate(fp32, p.trt, calib, work)
+        atomic_write_bytes(outs["trt"], trt)
+        dyn = build_dynamic(pre, work)
+        atomic_write_bytes(outs["dynamic"], dyn)
+    return QuantizeResult(fp32_acc.map50_95, fp32_ms, model_path.stat().st_size, rows, chosen, len(trt), len(dyn))
+
+
+def _class_names(meta: dict[str, str], model_path: Path) -> list[str]:
+    import ast
+
+    if "names" not in meta:
+        raise ValueError(f"{model_path} has no 'names' metadata; re-export it with pipeline.export")
+    names = ast.literal_eval(meta["names"])
+    return [names[i] for i in sorted(names)]
+
+
+def candidates_csv(rows: Sequence[CandidateResult], fp32_map: float, fp32_ms: float, fp32_size: int) -> str:
+    """The candidate table as CSV text (FP32 reference first)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["name", "config", "mAP50-95", "mAP50", "drop", "latency_ms", "spread_ms", "speedup", "size_mb", "passed"])
+    w.writerow(["fp32", "FP32 ONNX", f"{fp32_map:.4f}", "", "0.0000", f"{fp32_ms:.2f}", "", "1.00",
+                f"{fp32_size / 1e6:.2f}", "reference"])
+    for r in rows:
+        w.writerow([r.name, r.config, f"{r.map50_95:.4f}", f"{r.map50:.4f}", f"{r.drop:.4f}", f"{r.latency_ms:.2f}",
+                    f"{r.latency_spread_ms:.2f}", f"{r.speedup:.2f}", f"{r.size_bytes / 1e6:.2f}",
+                    "yes" if r.passed else "no"])
+    return buf.getvalue()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The stage CLI: paths only (hyper-parameters live in params.yaml)."""
+    ap = argparse.ArgumentParser(prog="python -m pipeline.quantize", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=paths.ONNX_MODEL)
+    ap.add_argument("--calibration", type=Path, default=paths.CALIBRATION_DIR)
+    ap.add_argument("--data", type=Path, default=paths.DATASET_DIR)
+    ap.add_argument("--int8", type=Path, default=paths.INT8_MODEL)
+    ap.add_argument("--trt", type=Path, default=paths.INT8_TRT_MODEL)
+    ap.add_argument("--dynamic", type=Path, default=paths.DYNAMIC_MODEL)
+    ap.add_argument("--candidates", type=Path, default=paths.QUANTIZE_CANDIDATES)
+    ap.add_argument("--metrics", type=Path, default=paths.QUANTIZE_METRICS)
+    ap.add_argument("--params", type=Path, default=paths.PARAMS_FILE)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the stage: candidates, gate, outputs, metrics, one MLflow run."""
+    args = parse_args(argv)
+    base = load_params("base", BaseParams, args.params)
+    p = load_params("quantize", QuantizeParams, args.params)
+    calib_dir = args.calibration / p.calibration_set
+    tags = {"source_model_sha256": sha256_file(args.model)} if args.model.is_file() else {}
+    with stage_run("quantize", base, p, tags=tags):
+        outs = {"int8": args.int8, "trt": args.trt, "dynamic": args.dynamic, "candidates": args.candidates}
+        r = quantize(args.model, calib_dir, args.data, outs, p, base)
+        metrics = {
+            "chosen": r.chosen.name,
+            "chosen_config": r.chosen.config,
+            "fp32_mAP50-95": round(r.fp32_map50_95, 6),
+            "int8_mAP50-95": round(r.chosen.map50_95, 6),
+            "map_drop": round(r.chosen.drop, 6),
+            "size_fp32_bytes": r.fp32_size,
+            "size_int8_bytes": r.chosen.size_bytes,
+            "size_ratio": round(r.chosen.size_bytes / r.fp32_size, 4),
+            "size_trt_bytes": r.trt_size,
+            "size_dynamic_bytes": r.dynamic_size,
+            "candidates_passed": sum(row.passed for row in r.rows),
+            "candidates": len(r.rows),
+        }
+        # Latency is noisy by nature: it goes to MLflow and the CSV, not to the DVC metrics file
+        # (which must be reproducible), except as the chosen config's name.
+        atomic_write_json(args.metrics, metrics)
+        log_metrics({k: v for k, v in metrics.items() if not isinstance(v, str)})
+        log_metrics({"speedup": r.chosen.speedup, "int8_latency_ms": r.chosen.latency_ms,
+                     "fp32_latency_ms": r.fp32_latency_ms})
+        set_tags({"model_sha256": sha256_file(args.int8), "chosen": r.chosen.name,
+                  "calibration_set": p.calibration_set})
+        log_artifact(args.candidates)
+        print(f"quantize: chose {r.chosen.name} ({r.chosen.config}): {r.chosen.speedup:.2f}x FP32, "
+              f"mAP50-95 drop {r.chosen.drop:+.4f}, {r.chosen.size_bytes / r.fp32_size:.0%} of FP32 size", flush=True)
+
+
+if __name__ == "__main__":
+    main()
