@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -32,9 +31,9 @@ from pipeline.calibration_io import load_calibration_tensors
 from pipeline.device.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from pipeline.device.postprocess import FORMAT_RAW
 from pipeline.evaluation import Labelled, evaluate_session, load_split, onnx_session
-from pipeline.onnx_graph import (cut_before_decode, find_head_decode, head_convs, metadata, set_metadata, stem_conv,
-                                 verify_node_names)
-from pipeline.params import BaseParams, QuantizeCandidate, QuantizeParams, load_params
+from pipeline.int8 import build_candidate, build_dynamic, describe, interleaved_latency
+from pipeline.onnx_graph import metadata, set_metadata
+from pipeline.params import BaseParams, QuantizeParams, load_params
 from pipeline.tracking import log_artifact, log_metrics, set_tags, stage_run
 
 
@@ -57,138 +56,6 @@ class CandidateResult:
     size_bytes: int
     passed: bool
     model: bytes | None = None
-
-
-# ------------------------------------------------------------------------------------------
-# Building
-# ------------------------------------------------------------------------------------------
-
-
-class _TensorReader:
-    """ORT CalibrationDataReader over an (N, 3, H, W) array, one image per batch."""
-
-    def __init__(self, tensors: np.ndarray, input_name: str) -> None:
-        self._tensors = tensors
-        self._input = input_name
-        self._iter: Iterator[dict[str, np.ndarray]] | None = None
-        self.rewind()
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        """The next calibration batch, or None at the end."""
-        return next(self._iter, None) if self._iter is not None else None
-
-    def rewind(self) -> None:
-        """Start over (ORT calls this between calibration passes)."""
-        self._iter = ({self._input: t[None]} for t in self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
-
-def _calibration_method(name: str) -> Any:
-    from onnxruntime.quantization import CalibrationMethod
-
-    return {"MinMax": CalibrationMethod.MinMax, "Percentile": CalibrationMethod.Percentile,
-            "Entropy": CalibrationMethod.Entropy}[name]
-
-
-def describe(c: QuantizeCandidate) -> str:
-    """A one-line summary of a candidate's configuration (for the CSV and MLflow)."""
-    ops = "+".join(c.op_types) if c.op_types else "all"
-    rr = " reduce_range" if c.reduce_range else ""
-    fl = f" float={'+'.join(c.float_layers)}" if c.float_layers else ""
-    return f"{c.format} {c.activation}{c.weight}{rr} {c.calibration} ops={ops}{fl} head={c.head}"
-
-
-def build_candidate(fp32: Any, c: QuantizeCandidate, calib: np.ndarray, workdir: Path) -> bytes:
-    """Quantize the pre-processed FP32 model `fp32` (onnx.ModelProto) according to `c`.
-
-    The head decode is computed from the graph: kept in float (`head: float`) or removed from
-    the graph so the device decodes it on the few candidates above threshold (`head: cut`).
-    """
-    import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
-    head = find_head_decode(fp32)
-    if c.head == "cut":
-        model = cut_before_decode(fp32, head)
-        exclude: list[str] = ["/predfl/Concat"] + [n.name for n in model.graph.node
-                                                   if n.output[0] in (head.box_concat, head.cls_concat)]
-    else:
-        model = fp32
-        exclude = list(head.nodes)
-    # Computed on the full FP32 graph: the cut graph keeps these nodes but not the DFL they feed.
-    if "head_convs" in c.float_layers:
-        exclude += head_convs(fp32)
-    if "stem" in c.float_layers:
-        exclude += stem_conv(fp32)
-    verify_node_names(model, exclude)
-    src = workdir / f"{c.name}.src.onnx"
-    dst = workdir / f"{c.name}.onnx"
-    onnx.save(model, str(src))
-    qtype = {"U8": QuantType.QUInt8, "S8": QuantType.QInt8}
-    extra = {
-        "ActivationSymmetric": c.activation == "S8" and c.symmetric,
-        "WeightSymmetric": True,
-        "CalibPercentile": c.percentile,
-        # Not CalibMaxIntermediateOutputs: ORT 1.31's MinMax calibrator discards the ranges of a
-        # chunk when it clears it, and fails outright when the set size is a multiple of it.
-    }
-    quantize_static(
-        str(src), str(dst), _TensorReader(calib, model.graph.input[0].name),
-        quant_format=QuantFormat.QDQ if c.format == "QDQ" else QuantFormat.QOperator,
-        op_types_to_quantize=list(c.op_types) or None,
-        per_channel=True, reduce_range=c.reduce_range,
-        activation_type=qtype[c.activation], weight_type=qtype[c.weight],
-        nodes_to_exclude=exclude, calibrate_method=_calibration_method(c.calibration),
-        extra_options=extra,
-    )
-    out = onnx.load(str(dst))
-    set_metadata(out, {**metadata(model), "quantization": describe(c), "quantization_candidate": c.name})
-    return out.SerializeToString()
-
-
-def build_dynamic(fp32_path: Path, workdir: Path) -> bytes:
-    """ORT dynamic quantization (weights int8, activations quantized at run time): the baseline."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    dst = workdir / "dynamic.onnx"
-    quantize_dynamic(str(fp32_path), str(dst), weight_type=QuantType.QUInt8, per_channel=False)
-    out = onnx.load(str(dst))
-    set_metadata(out, {"quantization": "dynamic U8 weights"})
-    return out.SerializeToString()
-
-
-# ------------------------------------------------------------------------------------------
-# Measuring
-# ------------------------------------------------------------------------------------------
-
-
-def interleaved_latency(sessions: dict[str, Any], inputs: Sequence[np.ndarray], warmup: int, runs: int,
-                        rounds: int) -> dict[str, tuple[float, float]]:
-    """Median ms per inference and spread (max-min of round medians) for each session.
-
-    Sessions take turns inside every round, so a noisy neighbour or a frequency change hits all
-    of them alike; the per-round median discards outliers and the median over rounds is reported.
-    """
-    names = list(sessions)
-    feeds = {n: (sessions[n].get_inputs()[0].name) for n in names}
-    for n in names:
-        for i in range(warmup):
-            sessions[n].run(None, {feeds[n]: inputs[i % len(inputs)]})
-    per_round: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]  # rotate who goes first
-        for n in order:
-            times = []
-            for i in range(runs):
-                x = inputs[i % len(inputs)]
-                t0 = time.perf_counter()
-                sessions[n].run(None, {feeds[n]: x})
-                times.append((time.perf_counter() - t0) * 1000)
-            per_round[n].append(statistics.median(times))
-    return {n: (statistics.median(v), max(v) - min(v)) for n, v in per_round.items()}
 
 
 # ------------------------------------------------------------------------------------------

@@ -37,6 +37,9 @@ def tiny_params(params: dict[str, Any]) -> dict[str, Any]:
     p["data"]["synthetic"].update(train_images=24, val_images=8, test_images=4, image_size=96)
     p["train"].update(imgsz=64, epochs=1, batch=8, nbs=8, workers=0, close_mosaic=0)
     p["export"].update(imgsz=64, parity_images=2)
+    if "quantize" in p:
+        p["quantize"].update(eval_images=8, latency_warmup=1, latency_runs=2, latency_rounds=1,
+                             candidates=p["quantize"]["candidates"][:2], max_map_drop=0.5)
     if "camera" in p:  # issue 3: deployment-camera frames and calibration sets
         p["camera"]["synthetic"].update(scenes_per_camera=4, burst_length=3, labelled_images=6)
     if "calibrate" in p:
