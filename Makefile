@@ -4,17 +4,21 @@ SHELL := /bin/bash
 export YOLO_OFFLINE := 1
 VENV := .venv/bin
 
-.PHONY: run test test-fast bootstrap repro
+.PHONY: run test test-fast bootstrap repro deploy-local
 
 bootstrap:
 	scripts/bootstrap.sh
 
-## Main job on the embedded defaults: synthetic data -> train -> export (DVC), MLflow runs locally.
-run: bootstrap repro
+## Main job on the embedded defaults: synthetic data -> ... -> INT8 (dvc repro), then a deploy to the
+## `local` device group (this machine, no SSH) with an on-device benchmark; everything in ./mlflow.db.
+run: bootstrap repro deploy-local
 
 repro:
 	source $(VENV)/activate && dvc repro
 	source $(VENV)/activate && dvc metrics show
+
+deploy-local:
+	source $(VENV)/activate && fab deploy --group local
 
 ## Every test, including the slow end-to-end `dvc repro` and the real-sshd fleet tests.
 test:

@@ -126,16 +126,9 @@ def quantize(model_path: Path, calib_dir: Path, dataset_dir: Path, outs: dict[st
             rows.append(CandidateResult(
                 c.name, describe(c), accs[c.name].map50_95, accs[c.name].map50, drop, ms, spread,
                 fp32_ms / ms, len(built[c.name]), drop <= p.max_map_drop, built[c.name]))
-        passed = [r for r in rows if r.passed]
         table = candidates_csv(rows, fp32_acc.map50_95, fp32_ms, model_path.stat().st_size)
         atomic_write_text(outs["candidates"], table)
-        if not passed:
-            raise AccuracyGateError(
-                f"no INT8 candidate kept mAP50-95 within quantize.max_map_drop={p.max_map_drop} of FP32 "
-                f"({fp32_acc.map50_95:.4f}):\n{table}Relax max_map_drop, add candidates (e.g. Percentile/Entropy "
-                "calibration, fewer op types) or a larger calibration set in params.yaml"
-            )
-        chosen = min(passed, key=lambda r: r.latency_ms)
+        chosen = accuracy_gate(rows, p.max_map_drop, fp32_acc.map50_95, table)
         chosen_model = onnx.load_from_string(chosen.model)
         set_metadata(chosen_model, {"fp32_sha256": sha256_file(model_path),
                                     "calibration_set": calib_dir.name})
@@ -146,6 +139,19 @@ def quantize(model_path: Path, calib_dir: Path, dataset_dir: Path, outs: dict[st
         dyn = build_dynamic(pre, work)
         atomic_write_bytes(outs["dynamic"], dyn)
     return QuantizeResult(fp32_acc.map50_95, fp32_ms, model_path.stat().st_size, rows, chosen, len(trt), len(dyn))
+
+
+def accuracy_gate(rows: Sequence[CandidateResult], max_map_drop: float, fp32_map: float, table: str) -> CandidateResult:
+    """The fastest candidate whose mAP50-95 drop is within `max_map_drop`; else AccuracyGateError with the table."""
+    passed = [r for r in rows if r.drop <= max_map_drop]
+    if not passed:
+        drops = ", ".join(f"{r.name} {r.drop:+.4f}" for r in rows)
+        raise AccuracyGateError(
+            f"no INT8 candidate kept mAP50-95 within quantize.max_map_drop={max_map_drop} of FP32 ({fp32_map:.4f}); "
+            f"drops: {drops}\n{table}Relax max_map_drop, add candidates (Percentile calibration, more float_layers, "
+            "fewer op_types) or use a larger calibration set in params.yaml"
+        )
+    return min(passed, key=lambda r: r.latency_ms)
 
 
 def _class_names(meta: dict[str, str], model_path: Path) -> list[str]:

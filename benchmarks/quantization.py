@@ -1,0 +1,162 @@
+"""FP32 vs our INT8 vs Ultralytics' INT8 ONNX export vs dynamic quantization, in one run.
+
+For the default imgsz (export.imgsz) and 640: latency of each model measured interleaved
+(models take turns in every round; median of per-round medians, spread = max - min of the
+round medians), ratio vs FP32, mAP50-95 on the val split through the device pre/post
+processing, and file size. All INT8 variants calibrate on the same frames: the camera
+calibration set's selected frames (calibration/camera/manifest.json).
+
+Run after `dvc repro` (it needs models/, calibration/ and data/):
+
+    python benchmarks/quantization.py [--imgsz 256 640] [--rounds 7] [--runs 20] [--out reports/benchmarks/quantization.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+from pipeline import paths  # noqa: E402
+from pipeline.dataset import decode_image  # noqa: E402
+from pipeline.device.fileio import atomic_write_text  # noqa: E402
+from pipeline.device.preprocess import letterbox, preprocess, to_tensor  # noqa: E402
+from pipeline.evaluation import evaluate_session, load_split, onnx_session  # noqa: E402
+from pipeline.int8 import build_candidate, build_dynamic, interleaved_latency  # noqa: E402
+from pipeline.params import BaseParams, ExportParams, QuantizeParams, load_params  # noqa: E402
+from pipeline.ultralytics_env import import_ultralytics  # noqa: E402
+
+
+def calibration_frames(set_dir: Path) -> list[Path]:
+    """The frames a calibration set selected (paths from its manifest)."""
+    manifest = json.loads((set_dir / paths.CALIBRATION_MANIFEST).read_text())
+    source = REPO / manifest["source_dir"]
+    return [source / f["path"] for f in manifest["frames"]]
+
+
+def export_fp32(weights: Path, imgsz: int, opset: int, work: Path) -> Path:
+    """FP32 ONNX at `imgsz` from the trained weights (Ultralytics, in `work`)."""
+    yolo = import_ultralytics(work).YOLO
+    local = work / f"fp32_{imgsz}.pt"
+    shutil.copyfile(weights, local)
+    return Path(yolo(str(local)).export(format="onnx", imgsz=imgsz, opset=opset, simplify=True, dynamic=False,
+                                        batch=1, device="cpu"))
+
+
+def export_ultralytics_int8(weights: Path, imgsz: int, opset: int, frames: list[Path], names: list[str],
+                            work: Path) -> Path:
+    """Ultralytics' own `export(format="onnx", int8=True)`, calibrated on the same frames."""
+    yolo = import_ultralytics(work).YOLO
+    calib = work / f"ucalib_{imgsz}"
+    (calib / "images" / "val").mkdir(parents=True)
+    for f in frames:
+        shutil.copyfile(f, calib / "images" / "val" / f.name)
+    (calib / "data.yaml").write_text(json.dumps({"path": str(calib), "train": "images/val", "val": "images/val",
+                                                 "names": dict(enumerate(names))}))
+    local = work / f"ultra_{imgsz}.pt"
+    shutil.copyfile(weights, local)
+    return Path(yolo(str(local)).export(format="onnx", int8=True, data=str(calib / "data.yaml"), imgsz=imgsz,
+                                        opset=opset, simplify=True, dynamic=False, batch=1, device="cpu",
+                                        fraction=1.0))
+
+
+def run(imgsizes: list[int], rounds: int, runs: int, eval_images: int) -> list[dict[str, Any]]:
+    """Build every variant at every size, then measure; returns one row per (imgsz, model)."""
+    import onnx
+
+    base = load_params("base", BaseParams)
+    export_p = load_params("export", ExportParams)
+    quant_p = load_params("quantize", QuantizeParams)
+    chosen_name = json.loads((REPO / paths.QUANTIZE_METRICS).read_text())["chosen"]
+    chosen = next(c for c in quant_p.candidates if c.name == chosen_name)
+    frames = calibration_frames(REPO / paths.CALIBRATION_DIR / quant_p.calibration_set)
+    dataset_names = yaml.safe_load((REPO / paths.DATASET_YAML).read_text())["names"]
+    names = [dataset_names[i] for i in sorted(dataset_names)]
+    items = load_split(REPO / paths.DATASET_DIR, "val", len(names), eval_images)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-quant-") as tmp:
+        work = Path(tmp)
+        for imgsz in imgsizes:
+            if imgsz == export_p.imgsz:
+                fp32 = REPO / paths.ONNX_MODEL
+                ours = REPO / paths.INT8_MODEL
+                dynamic = REPO / paths.DYNAMIC_MODEL
+            else:
+                from onnxruntime.quantization.shape_inference import quant_pre_process
+
+                fp32 = export_fp32(REPO / paths.WEIGHTS, imgsz, export_p.opset, work)
+                pre = work / f"fp32_{imgsz}.pre.onnx"
+                quant_pre_process(str(fp32), str(pre))
+                model = onnx.load(str(pre))
+                raw_meta = onnx.load(str(fp32)).metadata_props
+                model.metadata_props.extend(raw_meta)
+                calib = to_tensor([letterbox(decode_image(f), imgsz)[0] for f in frames])
+                ours = work / f"ours_{imgsz}.onnx"
+                ours.write_bytes(build_candidate(model, chosen, calib, work))
+                dynamic = work / f"dynamic_{imgsz}.onnx"
+                dynamic.write_bytes(build_dynamic(pre, work))
+            ultra = export_ultralytics_int8(REPO / paths.WEIGHTS, imgsz, export_p.opset, frames, names, work)
+            models = {"FP32": fp32, f"ours INT8 ({chosen.name})": ours, "Ultralytics INT8": ultra,
+                      "ORT dynamic": dynamic}
+            sessions = {k: onnx_session(v, base.threads) for k, v in models.items()}
+            accs = {k: evaluate_session(s, items, names)[0] for k, s in sessions.items()}
+            inputs = [preprocess(it.image, imgsz)[0] for it in items[:8]]
+            latency = interleaved_latency(sessions, inputs, warmup=10, runs=runs, rounds=rounds)
+            fp32_ms = latency["FP32"][0]
+            for k in models:
+                ms, spread = latency[k]
+                rows.append({"imgsz": imgsz, "model": k, "latency_ms": ms, "spread_ms": spread,
+                             "speedup": fp32_ms / ms, "map50_95": accs[k].map50_95,
+                             "drop": accs["FP32"].map50_95 - accs[k].map50_95,
+                             "size_mb": models[k].stat().st_size / 1e6})
+                print(f"  {imgsz:>4} {k:<40} {ms:7.2f} ms  {fp32_ms / ms:4.2f}x  mAP50-95 {accs[k].map50_95:.4f}",
+                      flush=True)
+    return rows
+
+
+def table(rows: list[dict[str, Any]], threads: int) -> str:
+    """The result as a markdown table."""
+    lines = [f"| imgsz | model | latency ms (median, spread) | vs FP32 | mAP50-95 | drop | size MB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['imgsz']} | {r['model']} | {r['latency_ms']:.2f} (±{r['spread_ms'] / 2:.2f}) | "
+                     f"{r['speedup']:.2f}x | {r['map50_95']:.4f} | {r['drop']:+.4f} | {r['size_mb']:.2f} |")
+    lines.append(f"\nONNX Runtime CPU, {threads} threads, batch 1; latency = inference only; mAP on the val split "
+                 "through the device pre/post processing (Ultralytics-compatible).")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    """Parse options, measure, print the table (and write it with --out)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--imgsz", type=int, nargs="+", default=None, help="default: export.imgsz and 640")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--eval-images", type=int, default=150)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    os.chdir(REPO)
+    for need in (paths.WEIGHTS, paths.ONNX_MODEL, paths.INT8_MODEL, paths.QUANTIZE_METRICS):
+        if not (REPO / need).is_file():
+            sys.exit(f"{need} is missing: run `dvc repro` first")
+    sizes = args.imgsz or [load_params("export", ExportParams).imgsz, 640]
+    rows = run(sizes, args.rounds, args.runs, args.eval_images)
+    text = table(rows, load_params("base", BaseParams).threads)
+    print("\n" + text)
+    if args.out:
+        atomic_write_text(args.out, text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Stage `quantize`: real ORT static quantization of a real (tiny) export, the gate, bad inputs."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+
+from conftest import REPO, tiny_params
+from pipeline.calibration_io import load_calibration_tensors
+from pipeline.dataset import decode_image, iter_split_files
+from pipeline.device.preprocess import letterbox, to_tensor
+from pipeline.evaluation import onnx_session
+from pipeline.params import QuantizeParams, build
+from pipeline.quantize import AccuracyGateError, CandidateResult, accuracy_gate, quantize
+from pipeline.params import BaseParams
+
+
+def _calibration(tmp: Path, dataset: Path, imgsz: int) -> Path:
+    frames = [decode_image(p) for p, _ in iter_split_files(dataset, "train")][:8]
+    out = tmp / "calibration" / "camera"
+    out.mkdir(parents=True)
+    np.save(out / "tensors.npy", to_tensor([letterbox(f, imgsz)[0] for f in frames]))
+    (out / "manifest.json").write_text(json.dumps({"frames": len(frames)}))
+    return out
+
+
+def _params(**overrides: Any) -> QuantizeParams:
+    raw = copy.deepcopy(tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()))["quantize"])
+    raw.update(overrides)
+    return build(QuantizeParams, raw, "quantize", REPO / "params.yaml")
+
+
+def _outs(tmp: Path) -> dict[str, Path]:
+    return {"int8": tmp / "m.int8.onnx", "trt": tmp / "m.int8.trt.onnx", "dynamic": tmp / "m.dyn.onnx",
+            "candidates": tmp / "candidates.csv"}
+
+
+def test_quantize_tiny_model(tmp_path: Path, tiny_model: dict[str, Path]) -> None:
+    calib = _calibration(tmp_path, tiny_model["dataset"], 64)
+    outs = _outs(tmp_path)
+    p = _params()
+    r = quantize(tiny_model["onnx"], calib, tiny_model["dataset"], outs, p, BaseParams(seed=0, threads=1))
+    rows = list(csv.DictReader(io.StringIO(outs["candidates"].read_text())))
+    assert [row["name"] for row in rows] == ["fp32"] + [c.name for c in p.candidates]
+    assert r.chosen.name in {c.name for c in p.candidates}
+    chosen = onnx.load(str(outs["int8"]))
+    meta = {m.key: m.value for m in chosen.metadata_props}
+    assert meta["quantization_candidate"] == r.chosen.name and meta["calibration_set"] == "camera"
+    assert "QuantizeLinear" in {n.op_type for n in chosen.graph.node}
+    assert outs["int8"].stat().st_size < 0.35 * tiny_model["onnx"].stat().st_size
+    trt = onnx.load(str(outs["trt"]))
+    # TensorRT explicit quantization: symmetric int8 activations (zero points are int8 zeros).
+    zero_points = [i for i in trt.graph.initializer if i.name.endswith("_zero_point")]
+    assert zero_points and all(onnx.numpy_helper.to_array(z).dtype == np.int8 and
+                               not onnx.numpy_helper.to_array(z).any() for z in zero_points)
+    for path in outs.values():
+        if path.suffix == ".onnx":
+            onnx_session(path, 1)  # every model loads in ORT
+
+
+def test_gate_fails_with_every_drop() -> None:
+    rows = [CandidateResult("a", "cfg a", 0.40, 0.6, 0.012, 10.0, 1.0, 2.0, 100, False),
+            CandidateResult("b", "cfg b", 0.39, 0.6, 0.020, 8.0, 1.0, 2.5, 100, False)]
+    with pytest.raises(AccuracyGateError, match=r"max_map_drop=0.005 .* drops: a \+0.0120, b \+0.0200") as e:
+        accuracy_gate(rows, 0.005, 0.412, "TABLE\n")
+    assert "TABLE" in str(e.value)
+    assert accuracy_gate(rows, 0.015, 0.412, "").name == "a"  # b is faster but fails
+    assert accuracy_gate(rows, 0.05, 0.412, "").name == "b"  # both pass: the fastest wins
+
+
+def test_missing_and_corrupt_model(tmp_path: Path, tiny_model: dict[str, Path]) -> None:
+    calib = _calibration(tmp_path, tiny_model["dataset"], 64)
+    base = BaseParams(seed=0, threads=1)
+    with pytest.raises(ValueError, match="not found; run the export stage"):
+        quantize(tmp_path / "nope.onnx", calib, tiny_model["dataset"], _outs(tmp_path), _params(), base)
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"\x08\x01garbage")
+    with pytest.raises(ValueError, match="not a readable ONNX model"):
+        quantize(broken, calib, tiny_model["dataset"], _outs(tmp_path), _params(), base)
+    assert not _outs(tmp_path)["int8"].exists()
+
+
+def test_bad_calibration_sets(tmp_path: Path) -> None:
+    d = tmp_path / "camera"
+    with pytest.raises(ValueError, match="run the calibrate stage"):
+        load_calibration_tensors(d, 64)
+    d.mkdir()
+    (d / "manifest.json").write_text("{}")
+    np.save(d / "tensors.npy", np.zeros((0, 3, 64, 64), np.float32))
+    with pytest.raises(ValueError, match="empty: the calibration set has no frames"):
+        load_calibration_tensors(d, 64)
+    np.save(d / "tensors.npy", np.zeros((4, 3, 32, 32), np.float32))
+    with pytest.raises(ValueError, match="calibrate.imgsz must equal export.imgsz"):
+        load_calibration_tensors(d, 64)
+    np.save(d / "tensors.npy", np.full((2, 3, 64, 64), 255.0, np.float32))
+    with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+        load_calibration_tensors(d, 64)
