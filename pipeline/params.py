@@ -109,6 +109,7 @@ class TrainParams:
     """Stage `train`: Ultralytics YOLOv8n hyper-parameters (passed through by name)."""
 
     model: str  # yolov8n.yaml trains from scratch; yolov8n.pt needs internet for the weights
+    activation: Literal["SiLU", "ReLU"]  # ReLU: the edge variant whose INT8 form is cheaper (yaml models only)
     imgsz: int
     epochs: int
     batch: int
@@ -139,6 +140,9 @@ class TrainParams:
 
     def __post_init__(self) -> None:
         _check(self.imgsz % 32 == 0 and self.imgsz >= 64, "train.imgsz must be a multiple of 32, >= 64")
+        _check(self.activation == "SiLU" or self.model.endswith(".yaml"),
+               f"train.activation {self.activation} needs a model built from a .yaml (train.model is {self.model}): "
+               "pretrained weights keep the activation they were trained with")
         _check(self.epochs >= 1, "train.epochs must be >= 1")
         _check(self.batch >= 1, "train.batch must be >= 1")
         _check(self.workers >= 0, "train.workers must be >= 0")
@@ -428,3 +432,62 @@ class QuantizeParams:
         _check(self.trt.format == "QDQ" and self.trt.activation == "S8" and self.trt.weight == "S8"
                and self.trt.symmetric and self.trt.head == "float",
                "quantize.trt must be symmetric S8S8 QDQ with the head in float (TensorRT explicit quantization)")
+
+    def candidate(self, name: str) -> QuantizeCandidate:
+        """The candidate called `name` (e.g. the quantize metrics' `chosen`), or a ValueError naming the fix."""
+        for c in self.candidates:
+            if c.name == name:
+                return c
+        raise ValueError(f"quantize candidate '{name}' is not in quantize.candidates "
+                         f"({', '.join(c.name for c in self.candidates)}); the quantize outputs are stale: "
+                         "re-run the quantize stage (dvc repro quantize)")
+
+
+_CALIBRATION_SETS = ("camera", "train")  # the sets stage `calibrate` builds
+_BENCH_VARIANTS = ("fp32", "int8", "dynamic")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """Stage `evaluate`: which images, and which calibration sets the INT8 comparison is built from."""
+
+    split: Literal["val", "test"]  # split of the defect dataset (the labelled camera split is always its `val`)
+    images: int  # per split, the first N in sorted order; 0 = the whole split
+    calibration_sets: tuple[str, ...]  # INT8 with quantize's chosen config rebuilt from each set, side by side
+    pytorch_batch: int  # batch of Ultralytics' val for the PyTorch reference (rect off: results do not depend on it)
+
+    def __post_init__(self) -> None:
+        _check(self.images >= 0, "evaluate.images must be >= 0 (0 = the whole split)")
+        unknown = sorted(set(self.calibration_sets) - set(_CALIBRATION_SETS))
+        _check(not unknown, f"evaluate.calibration_sets: unknown set {unknown}; the calibrate stage builds "
+                            f"{', '.join(_CALIBRATION_SETS)}")
+        _check(len(set(self.calibration_sets)) == len(self.calibration_sets),
+               "evaluate.calibration_sets lists a set twice; list each once")
+        _check(self.pytorch_batch >= 1, "evaluate.pytorch_batch must be >= 1")
+
+
+@dataclass(frozen=True)
+class BenchmarkParams:
+    """Stage `benchmark` (host): sizes, variants and the timing window (interleaved rounds)."""
+
+    imgsz: tuple[int, ...]  # input sizes; a size other than export.imgsz is exported + quantized for the run
+    variants: tuple[Literal["fp32", "int8", "dynamic"], ...]
+    warmup: int  # untimed detections per variant before the first round
+    runs: int  # timed detections per variant per round
+    rounds: int  # variants take turns inside every round (a noisy neighbour hits all alike)
+    frames: int  # distinct camera frames (from the calibration manifest) cycled through
+    conf: float  # postprocessing thresholds, as a release ships them (inventory.yaml conf/iou/max_det)
+    iou: float
+    max_det: int
+
+    def __post_init__(self) -> None:
+        _check(len(self.imgsz) >= 1 and all(s % 32 == 0 and 64 <= s <= 1280 for s in self.imgsz),
+               "benchmark.imgsz must list sizes that are multiples of 32 in [64, 1280]")
+        _check(len(set(self.imgsz)) == len(self.imgsz), "benchmark.imgsz lists a size twice; list each once")
+        _check(len(self.variants) >= 1 and len(set(self.variants)) == len(self.variants),
+               f"benchmark.variants must list distinct variants out of {', '.join(_BENCH_VARIANTS)}")
+        _check(self.warmup >= 0, "benchmark.warmup must be >= 0")
+        _check(self.runs >= 1 and self.rounds >= 1, "benchmark.runs and benchmark.rounds must be >= 1")
+        _check(self.frames >= 1, "benchmark.frames must be >= 1")
+        _check(0.0 < self.conf < 1.0 and 0.0 < self.iou < 1.0, "benchmark.conf and benchmark.iou must be in (0, 1)")
+        _check(self.max_det >= 1, "benchmark.max_det must be >= 1")
