@@ -29,3 +29,53 @@ def load_calibration_tensors(set_dir: Path, imgsz: int) -> np.ndarray:
     if not np.isfinite(tensors).all() or tensors.min() < 0 or tensors.max() > 1:
         raise ValueError(f"{tensors_path} has values outside [0, 1]: not made by the device preprocessing")
     return tensors
+
+
+
+def calibration_frame_paths(set_dir: Path) -> list[Path]:
+    """The source frames a calibration set was made from, in manifest order, checked against their sha256.
+
+    The manifest records each selected frame's path relative to `source_dir` (relative to the
+    working directory, as the calibrate stage wrote it) and its sha256, so a frame that moved or
+    changed since is an error rather than a silently different calibration set.
+    """
+    from pipeline.device.fileio import sha256_file
+
+    manifest_path = set_dir / CALIBRATION_MANIFEST
+    if not manifest_path.is_file():
+        raise ValueError(f"calibration set {set_dir} has no {CALIBRATION_MANIFEST}; run the calibrate stage "
+                         "(dvc repro calibrate)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        source_dir = Path(manifest["source_dir"])
+        frames = [(str(f["path"]), str(f["sha256"])) for f in manifest["frames"]]
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        raise ValueError(f"{manifest_path} is unreadable or lacks source_dir/frames ({e!r}); re-run the calibrate "
+                         "stage") from e
+    if not frames:
+        raise ValueError(f"{manifest_path} lists no frames: the calibration set is empty; add camera frames")
+    out = []
+    for rel, sha in frames:
+        path = source_dir / rel
+        if not path.is_file():
+            raise ValueError(f"calibration frame {path} (listed in {manifest_path}) not found; the frames moved or "
+                             "the camera/data stage rewrote them: re-run the calibrate stage")
+        if sha256_file(path) != sha:
+            raise ValueError(f"calibration frame {path} changed since {manifest_path} was written (sha256 differs); "
+                             "re-run the calibrate stage")
+        out.append(path)
+    return out
+
+
+def rebuild_calibration_tensors(set_dir: Path, imgsz: int) -> np.ndarray:
+    """Re-make a calibration set's tensors at another input size from the frames its manifest lists.
+
+    Same frames (hash-checked), same device letterbox/normalisation as the calibrate stage, only
+    `imgsz` differs: for quantizing a model exported at another size. Returns (N, 3, imgsz,
+    imgsz) float32 in manifest order.
+    """
+    from pipeline.dataset import decode_image
+    from pipeline.device import preprocess
+
+    boxed = [preprocess.letterbox(decode_image(path), imgsz)[0] for path in calibration_frame_paths(set_dir)]
+    return preprocess.to_tensor(boxed)

@@ -45,3 +45,8 @@ INT8_TRT_MODEL = Path("models/yolov8n.int8.trt.onnx")  # symmetric QDQ for Tenso
 DYNAMIC_MODEL = Path("models/yolov8n.dynamic.onnx")  # dynamic-quantization baseline
 QUANTIZE_CANDIDATES = Path("reports/quantize/candidates.csv")
 QUANTIZE_METRICS = Path("reports/quantize/metrics.json")
+
+EVALUATE_METRICS = Path("reports/evaluate/metrics.json")  # stage evaluate: per split per model summary
+EVALUATE_PER_CLASS = Path("reports/evaluate/per_class.csv")  # model, split, class, AP50, AP50-95
+BENCHMARK_RESULTS = Path("reports/benchmark/results.json")  # stage benchmark (host): per imgsz per variant
+BENCHMARK_CSV = Path("reports/benchmark/results.csv")

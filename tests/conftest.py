@@ -44,6 +44,10 @@ def tiny_params(params: dict[str, Any]) -> dict[str, Any]:
         p["camera"]["synthetic"].update(scenes_per_camera=4, burst_length=3, labelled_images=6)
     if "calibrate" in p:
         p["calibrate"].update(imgsz=64, size=6)
+    if "evaluate" in p:  # issue 3: evaluation and host benchmark (64 = export.imgsz above, 96 is exported in-run)
+        p["evaluate"].update(images=8)
+    if "benchmark" in p:
+        p["benchmark"].update(imgsz=[64, 96], warmup=1, runs=3, rounds=2, frames=2)
     return p
 
 

@@ -4,7 +4,8 @@ Real DVC, real Ultralytics training (1 epoch, 64 px), real ONNX export and parit
 MLflow (a SQLite store in tmp). Checks: every declared output exists; one MLflow run per stage
 execution and no stray Ultralytics run; `dvc status` is clean; a second `dvc repro` runs
 nothing; `dvc repro -f` reproduces the same hashes for every stage (data, train and export are
-all bit-reproducible on CPU: see the README's "Reproducibility").
+all bit-reproducible on CPU: see the README's "Reproducibility"; evaluate is deterministic given the
+models quantize chose, benchmark outputs are measurements).
 """
 
 from __future__ import annotations
@@ -73,8 +74,22 @@ def test_outputs_and_metrics(repo: Path, first_repro: str) -> None:
                 # issue 3: camera frames and calibration sets
                 "data/camera_frames/labelled/dataset.yaml", "reports/camera/metrics.json",
                 "calibration/camera/tensors.npy", "calibration/camera/manifest.json",
-                "calibration/train/tensors.npy", "calibration/train/manifest.json", "reports/calibrate/metrics.json"):
+                "calibration/train/tensors.npy", "calibration/train/manifest.json", "reports/calibrate/metrics.json",
+                # issue 3: evaluation and host benchmark
+                "reports/evaluate/metrics.json", "reports/evaluate/per_class.csv",
+                "reports/benchmark/results.json", "reports/benchmark/results.csv"):
         assert (repo / out).is_file(), out
+    evaluate = json.loads((repo / "reports/evaluate/metrics.json").read_text())
+    models = {"pytorch", "fp32", "int8", "dynamic", "int8_calib_train", "int8_calib_camera"}
+    for split in ("val", "camera"):
+        assert models <= set(evaluate[split]), f"evaluate {split}: {sorted(evaluate[split])}"
+        assert evaluate[split]["fp32"]["drop_vs_fp32"] == 0.0
+    assert "camera_calibration_gain_on_camera" in evaluate
+    bench = json.loads((repo / "reports/benchmark/results.json").read_text())
+    assert sorted(bench["results"]) == ["64", "96"]  # tiny params: export.imgsz and one size exported in-run
+    for row in bench["results"].values():
+        assert sorted(row) == ["dynamic", "fp32", "int8"]
+        assert all(r["latency_ms"]["p50"] > 0 and r["peak_rss_mb"] > 0 for r in row.values())
     assert sorted(p.name for p in (repo / "data/camera_frames/frames").iterdir()), "no camera folders"
     calib = json.loads((repo / "reports/calibrate/metrics.json").read_text())
     assert calib["camera"]["selected"] == calib["train"]["selected"] > 0
@@ -119,7 +134,7 @@ def test_status_clean_and_second_repro_is_noop(repo: Path, env: dict[str, str], 
     assert "up to date" in status, status
     before = _lock_hashes(repo)
     again = _run(["dvc", "repro"], repo, env)
-    for stage in ("data", "train", "export", "camera", "calibrate"):
+    for stage in ("data", "train", "export", "camera", "calibrate", "evaluate", "benchmark"):
         assert f"Stage '{stage}' didn't change, skipping" in again, again
     assert _lock_hashes(repo) == before
 
@@ -133,4 +148,8 @@ def test_forced_repro_reproduces_hashes(repo: Path, env: dict[str, str], first_r
     assert after["export"] == before["export"], "ONNX export is not bit-reproducible"
     assert after["camera"] == before["camera"], "camera frames are not bit-reproducible"
     assert after["calibrate"] == before["calibrate"], "calibration sets are not bit-reproducible"
+    # evaluate is deterministic given its inputs, but quantize picks the fastest candidate by a
+    # (noisy) measurement; benchmark outputs are measurements and never compared (README).
+    if after["quantize"] == before["quantize"]:
+        assert after["evaluate"] == before["evaluate"], "evaluate is not deterministic given the same models"
     assert "up to date" in _run(["dvc", "status"], repo, env)
