@@ -102,18 +102,15 @@ def _flatten(doc: Any, prefix: str = "") -> dict[str, float]:
     return out
 
 
-# Headline metric -> candidate keys in the device's bench JSON (flattened, dotted), first match wins.
-HEADLINE_KEYS: dict[str, tuple[str, ...]] = {
-    "latency_p50_ms": ("latency_ms.p50", "latency.p50_ms", "latency.total.p50_ms", "latency_ms.total.p50",
-                       "p50_ms"),
-    "latency_p95_ms": ("latency_ms.p95", "latency.p95_ms", "latency.total.p95_ms", "latency_ms.total.p95",
-                       "p95_ms"),
-    "latency_p99_ms": ("latency_ms.p99", "latency.p99_ms", "latency.total.p99_ms", "latency_ms.total.p99",
-                       "p99_ms"),
-    "fps": ("fps", "throughput.fps", "latency.fps"),
-    "peak_rss_mb": ("peak_rss_mb", "memory.peak_rss_mb", "rss.peak_mb"),
-    "temp_start_c": ("temperature_c.start", "thermal.start_c", "temperature.start_c", "thermal.temp_start_c"),
-    "temp_max_c": ("temperature_c.max", "thermal.max_c", "temperature.max_c", "thermal.temp_max_c"),
+# Headline metric -> its key in the device's bench JSON (pipeline/device/bench.py, flattened).
+HEADLINE_KEYS: dict[str, str] = {
+    "latency_p50_ms": "latency_ms.p50",
+    "latency_p95_ms": "latency_ms.p95",
+    "latency_p99_ms": "latency_ms.p99",
+    "fps": "fps",
+    "peak_rss_mb": "peak_rss_mb",
+    "temp_start_c": "thermal.start_c",
+    "temp_max_c": "thermal.max_c",
 }
 
 
@@ -124,11 +121,9 @@ def bench_metrics(doc: Mapping[str, Any]) -> dict[str, float]:
     """
     flat = _flatten({k: v for k, v in doc.items() if k not in ("device",)})
     out = {f"bench.{k}": v for k, v in flat.items()}
-    for name, candidates in HEADLINE_KEYS.items():
-        for key in candidates:
-            if key in flat:
-                out[name] = flat[key]
-                break
+    for name, key in HEADLINE_KEYS.items():
+        if key in flat:  # absent when the device cannot measure it (no thermal zone, say)
+            out[name] = flat[key]
     # Throttling: any firmware flag set at the start or end (Pi), else capped clocks (any Linux).
     thermal = doc.get("thermal") if isinstance(doc.get("thermal"), Mapping) else {}
     flags = [v for snap in ("start", "end") for k, v in ((thermal.get(snap) or {}).get("throttled") or {}).items()
