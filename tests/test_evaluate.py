@@ -5,7 +5,7 @@ What the agreement tests prove: `test_agrees_with_ultralytics_val_tiny` runs our
 and `YOLO(onnx).val()` on the tiny model; that model's mAP is ~0, so it only proves the two
 agree on a (nearly) empty detector, i.e. the plumbing (split, classes, images) matches.
 `test_agrees_with_ultralytics_val_repo_model` does the same on the repository's own trained
-models/yolov8n.onnx (mAP50-95 ~0.5) on 40 val images, where agreement is a real check of NMS,
+models/yolov8n.onnx (mAP50-95 ~0.64) on the whole val split, where agreement is a real check of NMS,
 matching and AP; it is skipped when `dvc repro` has not produced that model yet.
 """
 
@@ -264,7 +264,7 @@ def test_stage_without_camera_split_and_missing_int8(quantized: dict[str, Path],
         ev.evaluate(missing, p, q, base)
 
 
-def _agreement(onnx_path: Path, dataset: Path, split: str, limit: int, work: Path) -> tuple[Accuracy, Accuracy]:
+def _agreement(onnx_path: Path, dataset: Path, split: str, limit: int | None, work: Path) -> tuple[Accuracy, Accuracy]:
     names = ev.class_names_of(onnx_path)
     session = onnx_session(onnx_path, 2)
     ours, _ = evaluate_session(session, load_split(dataset, split, len(names), limit), names)
@@ -290,6 +290,9 @@ def test_agrees_with_ultralytics_val_repo_model(tmp_path: Path) -> None:
     model, dataset = REPO / "models" / "yolov8n.onnx", REPO / "data" / "defects"
     if not model.is_file() or not (dataset / "images" / "val").is_dir():
         pytest.skip("models/yolov8n.onnx or data/defects not built yet (run dvc repro)")
-    ours, theirs = _agreement(model, dataset, "val", 40, tmp_path)
+    # The whole val split (the stage's own set). Measured here: mAP50-95 0.641377 vs 0.640619, P/R
+    # identical, per-class AP50-95 within 0.0031 (scratches; thin boxes differ only at high IoU
+    # thresholds). On a 40-image subset scratches differed by 0.0061 while mAP50-95 stayed within 0.001.
+    ours, theirs = _agreement(model, dataset, "val", None, tmp_path)
     assert theirs.map50_95 > 0.1, "the repo model should be trained; agreement on a zero-mAP model proves little"
     _assert_agree(ours, theirs)
