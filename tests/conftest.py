@@ -3,15 +3,13 @@ so tests never write into the repository's mlflow.db or the user's ~/.config."""
 
 from __future__ import annotations
 
-import copy
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+from support import REPO, copy_repo, tiny_params  # noqa: F401  (re-exported for fixtures below)
 
 
 @pytest.fixture(autouse=True)
@@ -31,26 +29,6 @@ def repo_params() -> dict[str, Any]:
     return yaml.safe_load((REPO / "params.yaml").read_text())
 
 
-def tiny_params(params: dict[str, Any]) -> dict[str, Any]:
-    """params.yaml shrunk so data/train/export run in about a minute on 2 cores."""
-    p = copy.deepcopy(params)
-    p["data"]["synthetic"].update(train_images=24, val_images=8, test_images=4, image_size=96)
-    p["train"].update(imgsz=64, epochs=1, batch=8, nbs=8, workers=0, close_mosaic=0)
-    p["export"].update(imgsz=64, parity_images=2)
-    if "quantize" in p:
-        p["quantize"].update(eval_images=8, latency_warmup=1, latency_runs=2, latency_rounds=1,
-                             candidates=p["quantize"]["candidates"][:2], max_map_drop=0.5)
-    if "camera" in p:  # issue 3: deployment-camera frames and calibration sets
-        p["camera"]["synthetic"].update(scenes_per_camera=4, burst_length=3, labelled_images=6)
-    if "calibrate" in p:
-        p["calibrate"].update(imgsz=64, size=6)
-    if "evaluate" in p:  # issue 3: evaluation and host benchmark (64 = export.imgsz above, 96 is exported in-run)
-        p["evaluate"].update(images=8)
-    if "benchmark" in p:
-        p["benchmark"].update(imgsz=[64, 96], warmup=1, runs=3, rounds=2, frames=2)
-    return p
-
-
 @pytest.fixture
 def write_params(tmp_path: Path) -> Callable[[dict[str, Any]], Path]:
     """Write a params dict to tmp_path/params.yaml and return the path."""
@@ -61,15 +39,6 @@ def write_params(tmp_path: Path) -> Callable[[dict[str, Any]], Path]:
         return path
 
     return _write
-
-
-def copy_repo(dest: Path) -> Path:
-    """Copy the tracked parts of the repository (no venv, no outputs) to `dest`."""
-    ignore = shutil.ignore_patterns(".venv", ".git", "__pycache__", ".pytest_cache", "mlflow.db",
-                                    "mlartifacts", "runs", "data", "models", "reports", "calibration", "*.egg-info")
-    shutil.copytree(REPO, dest, ignore=ignore)
-    (dest / ".dvc" / "cache").mkdir(parents=True, exist_ok=True)
-    return dest
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import tiny_params
+from support import tiny_params
 from pipeline import benchmark as bm
 from pipeline.calibration_io import calibration_frame_paths, load_calibration_tensors, rebuild_calibration_tensors
 from pipeline.device.runtime import StageTimes

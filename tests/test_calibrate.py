@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import tiny_params
+from support import tiny_params
 from pipeline import calibrate, camera
 from pipeline.calibrate import CalibrationError
 from pipeline.dataset import DatasetError, dataset_yaml
@@ -35,7 +35,7 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny camera frames (3 cameras x 4 scenes x 3-frame bursts) and a tiny training set."""
     import yaml
 
-    from conftest import REPO
+    from support import REPO
 
     root = tmp_path_factory.mktemp("calib_src")
     params = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import tiny_params
+from support import tiny_params
 from pipeline import camera
 from pipeline.dataset import DatasetError, dataset_yaml, validate_label_text
 from pipeline.params import BaseParams, CameraParams, DataParams, build

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import tiny_params
+from support import tiny_params
 from pipeline import data
 from pipeline.dataset import DatasetError
 

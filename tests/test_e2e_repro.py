@@ -20,7 +20,7 @@ import mlflow
 import pytest
 import yaml
 
-from conftest import copy_repo, tiny_params
+from support import copy_repo, tiny_params
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, tiny_params
+from support import REPO, tiny_params
 from pipeline import evaluate as ev
 from pipeline.evaluation import Accuracy, evaluate_session, load_split, onnx_session
 from pipeline.params import EvaluateParams, QuantizeParams, build

@@ -14,7 +14,7 @@ import onnx
 import pytest
 import yaml
 
-from conftest import REPO, tiny_params
+from support import REPO, tiny_params
 from pipeline.calibration_io import load_calibration_tensors
 from pipeline.dataset import decode_image, iter_split_files
 from pipeline.device.preprocess import letterbox, to_tensor
@@ -58,8 +58,10 @@ def test_quantize_tiny_model(tmp_path: Path, tiny_model: dict[str, Path]) -> Non
     assert "QuantizeLinear" in {n.op_type for n in chosen.graph.node}
     assert outs["int8"].stat().st_size < 0.35 * tiny_model["onnx"].stat().st_size
     trt = onnx.load(str(outs["trt"]))
-    # TensorRT explicit quantization: symmetric int8 activations (zero points are int8 zeros).
-    zero_points = [i for i in trt.graph.initializer if i.name.endswith("_zero_point")]
+    # TensorRT explicit quantization: symmetric int8 activations and weights (int8 zero points, all
+    # zero). Biases are int32 with zero points of their own, as QDQ prescribes.
+    zero_points = [i for i in trt.graph.initializer
+                   if i.name.endswith("_zero_point") and "bias_quantized" not in i.name]
     assert zero_points and all(onnx.numpy_helper.to_array(z).dtype == np.int8 and
                                not onnx.numpy_helper.to_array(z).any() for z in zero_points)
     for path in outs.values():
