@@ -417,6 +417,9 @@ class QuantizeParams:
     latency_warmup: int
     latency_runs: int  # timed runs per model per round
     latency_rounds: int  # rounds; models take turns inside each round
+    latency_conf: float  # the timed decode (postprocess) uses the device's thresholds: confidence,
+    latency_iou: float  # NMS IoU
+    latency_max_det: int  # and detections kept
     candidates: tuple[QuantizeCandidate, ...]
     trt: QuantizeCandidate  # the symmetric QDQ model for TensorRT explicit quantization
 
@@ -426,6 +429,8 @@ class QuantizeParams:
         _check(self.eval_images >= 0, "quantize.eval_images must be >= 0 (0 = all)")
         _check(self.latency_runs >= 1 and self.latency_rounds >= 1 and self.latency_warmup >= 0,
                "quantize latency_runs/latency_rounds must be >= 1 and latency_warmup >= 0")
+        _check(0.0 < self.latency_conf < 1.0 and 0.0 < self.latency_iou <= 1.0 and self.latency_max_det >= 1,
+               "quantize latency_conf must be in (0, 1), latency_iou in (0, 1], latency_max_det >= 1")
         _check(len(self.candidates) >= 1, "quantize.candidates must list at least one configuration")
         names = [c.name for c in self.candidates]
         _check(len(set(names)) == len(names), "quantize.candidates names must be unique")
