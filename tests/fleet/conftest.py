@@ -214,6 +214,29 @@ def make_variant(src: Path, dest: Path, tag: str) -> Path:
     return dest
 
 
+def make_int8(fp32: Path, dataset: Path, dest: Path) -> Path:
+    """A real static-INT8 model of `fp32`: the committed params' first quantize candidate, calibrated
+    on a few of the dataset's training images (the quantize stage's own building block)."""
+    import tempfile
+
+    import onnx
+    import yaml
+
+    from pipeline.dataset import decode_image, iter_split_files
+    from pipeline.device.preprocess import letterbox, to_tensor
+    from pipeline.int8 import build_candidate
+    from pipeline.params import QuantizeParams, build
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())["quantize"]
+    candidate = build(QuantizeParams, raw, "quantize", REPO / "params.yaml").candidates[0]
+    model = onnx.load(str(fp32))
+    imgsz = model.graph.input[0].type.tensor_type.shape.dim[2].dim_value
+    calib = to_tensor([letterbox(decode_image(p), imgsz)[0] for p, _ in list(iter_split_files(dataset, "train"))[:8]])
+    with tempfile.TemporaryDirectory() as tmp:
+        dest.write_bytes(build_candidate(model, candidate, calib, Path(tmp)))
+    return dest
+
+
 def make_broken_model(src: Path, dest: Path) -> Path:
     """A valid ONNX graph with the real model's metadata whose output is NOT detections
     (an Identity of the input): it loads and runs, so only the health check can catch it."""
@@ -243,5 +266,8 @@ def fleet_models(tiny_model: dict[str, Path], tmp_path_factory: pytest.TempPathF
     shutil.copyfile(tiny_model["onnx"], models / "yolov8n.onnx")
     make_variant(tiny_model["onnx"], models / "alt.onnx", "alt")
     make_broken_model(tiny_model["onnx"], models / "broken.onnx")
+    # INT8 models as the quantize stage writes them (the committed inventory's local group is int8).
+    make_int8(tiny_model["onnx"], tiny_model["dataset"], models / "yolov8n.int8.onnx")
+    make_variant(models / "yolov8n.int8.onnx", models / "alt.int8.onnx", "alt")
     sources = Sources(models_dir=models, samples_dir=tiny_model["dataset"] / "images" / "val", runtime_root=REPO)
     return {"dir": models, "sources": sources}
