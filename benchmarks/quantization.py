@@ -29,21 +29,13 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
 from pipeline import paths  # noqa: E402
-from pipeline.dataset import decode_image  # noqa: E402
 from pipeline.device.fileio import atomic_write_text  # noqa: E402
-from pipeline.device.preprocess import letterbox, preprocess, to_tensor  # noqa: E402
-from pipeline.device.postprocess import postprocess  # noqa: E402
-from pipeline.evaluation import evaluate_session, head_spec, load_split, onnx_session  # noqa: E402
+from pipeline.device.preprocess import preprocess  # noqa: E402
+from pipeline.calibration_io import calibration_frame_paths, rebuild_calibration_tensors  # noqa: E402
+from pipeline.evaluation import decoder, evaluate_session, load_split, onnx_session  # noqa: E402
 from pipeline.int8 import build_candidate, build_dynamic, interleaved_latency  # noqa: E402
 from pipeline.params import BaseParams, ExportParams, QuantizeParams, load_params  # noqa: E402
 from pipeline.ultralytics_env import import_ultralytics  # noqa: E402
-
-
-def calibration_frames(set_dir: Path) -> list[Path]:
-    """The frames a calibration set selected (paths from its manifest)."""
-    manifest = json.loads((set_dir / paths.CALIBRATION_MANIFEST).read_text())
-    source = REPO / manifest["source_dir"]
-    return [source / f["path"] for f in manifest["frames"]]
 
 
 def export_fp32(weights: Path, imgsz: int, opset: int, work: Path) -> Path:
@@ -72,11 +64,6 @@ def export_ultralytics_int8(weights: Path, imgsz: int, opset: int, frames: list[
                                         fraction=1.0))
 
 
-def _decoder(session: Any, num_classes: int, p: QuantizeParams) -> Any:
-    spec = head_spec(session, num_classes)
-    return lambda out: postprocess(out, spec, p.latency_conf, p.latency_iou, p.latency_max_det)
-
-
 def run(imgsizes: list[int], rounds: int, runs: int, eval_images: int) -> list[dict[str, Any]]:
     """Build every variant at every size, then measure; returns one row per (imgsz, model)."""
     import onnx
@@ -86,7 +73,8 @@ def run(imgsizes: list[int], rounds: int, runs: int, eval_images: int) -> list[d
     quant_p = load_params("quantize", QuantizeParams)
     chosen_name = json.loads((REPO / paths.QUANTIZE_METRICS).read_text())["chosen"]
     chosen = next(c for c in quant_p.candidates if c.name == chosen_name)
-    frames = calibration_frames(REPO / paths.CALIBRATION_DIR / quant_p.calibration_set)
+    calib_dir = REPO / paths.CALIBRATION_DIR / quant_p.calibration_set
+    frames = calibration_frame_paths(calib_dir)  # sha256-checked against the manifest
     dataset_names = yaml.safe_load((REPO / paths.DATASET_YAML).read_text())["names"]
     names = [dataset_names[i] for i in sorted(dataset_names)]
     items = load_split(REPO / paths.DATASET_DIR, "val", len(names), eval_images)
@@ -107,7 +95,7 @@ def run(imgsizes: list[int], rounds: int, runs: int, eval_images: int) -> list[d
                 model = onnx.load(str(pre))
                 raw_meta = onnx.load(str(fp32)).metadata_props
                 model.metadata_props.extend(raw_meta)
-                calib = to_tensor([letterbox(decode_image(f), imgsz)[0] for f in frames])
+                calib = rebuild_calibration_tensors(calib_dir, imgsz)
                 ours = work / f"ours_{imgsz}.onnx"
                 ours.write_bytes(build_candidate(model, chosen, calib, work))
                 dynamic = work / f"dynamic_{imgsz}.onnx"
@@ -119,7 +107,8 @@ def run(imgsizes: list[int], rounds: int, runs: int, eval_images: int) -> list[d
             accs = {k: evaluate_session(s, items, names)[0] for k, s in sessions.items()}
             inputs = [preprocess(it.image, imgsz)[0] for it in items[:8]]
             # Inference + the device's decode/NMS: a head-cut model pays for its decode there.
-            decode = {k: _decoder(s, len(names), quant_p) for k, s in sessions.items()}
+            decode = {k: decoder(s, len(names), quant_p.latency_conf, quant_p.latency_iou, quant_p.latency_max_det)
+                      for k, s in sessions.items()}
             latency = interleaved_latency(sessions, inputs, warmup=10, runs=runs, rounds=rounds, decode=decode)
             fp32_ms = latency["FP32"][0]
             for k in models:
@@ -135,7 +124,7 @@ def run(imgsizes: list[int], rounds: int, runs: int, eval_images: int) -> list[d
 
 def table(rows: list[dict[str, Any]], threads: int) -> str:
     """The result as a markdown table."""
-    lines = [f"| imgsz | model | latency ms (median, spread) | vs FP32 | mAP50-95 | drop | size MB |",
+    lines = ["| imgsz | model | latency ms (median, spread) | vs FP32 | mAP50-95 | drop | size MB |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['imgsz']} | {r['model']} | {r['latency_ms']:.2f} (±{r['spread_ms'] / 2:.2f}) | "

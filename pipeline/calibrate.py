@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 
 from pipeline import paths
-from pipeline.dataset import IMAGE_SUFFIXES, DatasetError, decode_image
+from pipeline.dataset import IMAGE_SUFFIXES, decode_image
 from pipeline.device import preprocess
 from pipeline.device.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from pipeline.params import BaseParams, CalibrateParams, ExportParams, load_params

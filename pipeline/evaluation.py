@@ -18,13 +18,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from pipeline.dataset import decode_image, iter_split_files, validate_label_text
-from pipeline.device.postprocess import (FORMAT_RAW, Detections, HeadSpec, dfl_decode, make_anchors, nms, sigmoid,
-                                         spec_from_metadata, xywh_to_xyxy)
+from pipeline.device.postprocess import (FORMAT_RAW, Detections, HeadSpec, dfl_decode, make_anchors, nms, postprocess,
+                                         sigmoid, spec_from_metadata, xywh_to_xyxy)
 from pipeline.device.preprocess import Letterbox, preprocess
 
 VAL_CONF = 0.001
@@ -215,6 +215,12 @@ def head_spec(session: Any, num_classes: int) -> HeadSpec:
     shape = session.get_inputs()[0].shape
     imgsz = int(shape[2])
     return spec_from_metadata(meta, meta.get("output_format", FORMAT_RAW), num_classes, imgsz)
+
+
+def decoder(session: Any, num_classes: int, conf: float, iou: float, max_det: int) -> Callable[[np.ndarray], Any]:
+    """The device's decode + NMS for this session's output format, for timing whole detections."""
+    spec = head_spec(session, num_classes)
+    return lambda out: postprocess(out, spec, conf, iou, max_det)
 
 
 def evaluate_session(session: Any, items: Sequence[Labelled], class_names: Sequence[str]) -> tuple[Accuracy, float]:

@@ -22,15 +22,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-import numpy as np
 
 from pipeline import paths
 from pipeline.calibration_io import load_calibration_tensors
 from pipeline.device.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
-from pipeline.device.postprocess import FORMAT_RAW, postprocess
-from pipeline.evaluation import evaluate_session, head_spec, load_split, onnx_session
+from pipeline.device.postprocess import FORMAT_RAW
+from pipeline.evaluation import decoder, evaluate_session, load_split, onnx_session
 from pipeline.int8 import build_candidate, build_dynamic, describe, interleaved_latency
 from pipeline.onnx_graph import metadata, set_metadata
 from pipeline.params import BaseParams, QuantizeParams, load_params
@@ -117,7 +116,8 @@ def quantize(model_path: Path, calib_dir: Path, dataset_dir: Path, outs: dict[st
 
         sessions = {"fp32": fp32_session, **{n: onnx_session(b, base.threads) for n, b in built.items()}}
         inputs = [calib[i] [None] for i in range(min(8, len(calib)))]
-        decode = {name: _decoder(s, len(names), p) for name, s in sessions.items()}
+        decode = {name: decoder(s, len(names), p.latency_conf, p.latency_iou, p.latency_max_det)
+                  for name, s in sessions.items()}
         latency = interleaved_latency(sessions, inputs, p.latency_warmup, p.latency_runs, p.latency_rounds, decode)
         fp32_ms = latency["fp32"][0]
         rows = []
@@ -140,12 +140,6 @@ def quantize(model_path: Path, calib_dir: Path, dataset_dir: Path, outs: dict[st
         dyn = build_dynamic(pre, work)
         atomic_write_bytes(outs["dynamic"], dyn)
     return QuantizeResult(fp32_acc.map50_95, fp32_ms, model_path.stat().st_size, rows, chosen, len(trt), len(dyn))
-
-
-def _decoder(session: Any, num_classes: int, p: QuantizeParams) -> Any:
-    """The device's decode + NMS for this model's output format, at the params' thresholds."""
-    spec = head_spec(session, num_classes)
-    return lambda out: postprocess(out, spec, p.latency_conf, p.latency_iou, p.latency_max_det)
 
 
 def accuracy_gate(rows: Sequence[CandidateResult], max_map_drop: float, fp32_map: float, table: str) -> CandidateResult:

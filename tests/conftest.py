@@ -9,7 +9,7 @@ from typing import Any, Callable
 import pytest
 import yaml
 
-from support import REPO, copy_repo, tiny_params  # noqa: F401  (re-exported for fixtures below)
+from support import REPO, mlflow_store, tiny_params
 
 
 @pytest.fixture(autouse=True)
@@ -58,9 +58,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     params = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()))
     params_path = root / "params.yaml"
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-    mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    try:
+    with mlflow_store(root):
         out = {"dataset": root / "defects", "weights": root / "yolov8n.pt", "onnx": root / "yolov8n.onnx",
                "params": params_path}
         data.main(["--out", str(out["dataset"]), "--metrics", str(root / "data.json"), "--params", str(params_path)])
@@ -69,9 +67,32 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                     "--params", str(params_path)])
         export.main(["--weights", str(out["weights"]), "--data", str(out["dataset"]), "--out", str(out["onnx"]),
                      "--metrics", str(root / "export.json"), "--params", str(params_path)])
-    finally:
-        if mlflow_uri is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri
+    return out
+
+
+@pytest.fixture(scope="session")
+def quantized(tiny_model: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny model carried through the real camera, calibrate and quantize stages (about 20 s)."""
+    from pipeline import calibrate, camera, quantize
+
+    root = tmp_path_factory.mktemp("quantized")
+    params = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()))
+    params_path = root / "params.yaml"
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    out = {**tiny_model, "params": params_path, "frames": root / "camera_frames", "calibration": root / "calibration",
+           "int8": root / "yolov8n.int8.onnx", "dynamic": root / "yolov8n.dynamic.onnx",
+           "quantize_metrics": root / "quantize.json"}
+    # Session-scoped: the per-test MLflow isolation does not cover it, so point MLflow at tmp here.
+    with mlflow_store(root):
+        camera.main(["--dataset-yaml", str(tiny_model["dataset"] / "dataset.yaml"), "--out", str(out["frames"]),
+                     "--metrics", str(root / "camera.json"), "--params", str(params_path)])
+        calibrate.main(["--frames", str(out["frames"]), "--dataset", str(tiny_model["dataset"]),
+                        "--camera-out", str(out["calibration"] / "camera"),
+                        "--train-out", str(out["calibration"] / "train"),
+                        "--metrics", str(root / "calibrate.json"), "--params", str(params_path)])
+        quantize.main(["--model", str(tiny_model["onnx"]), "--calibration", str(out["calibration"]),
+                       "--data", str(tiny_model["dataset"]), "--int8", str(out["int8"]),
+                       "--trt", str(root / "yolov8n.int8.trt.onnx"), "--dynamic", str(out["dynamic"]),
+                       "--candidates", str(root / "candidates.csv"), "--metrics", str(out["quantize_metrics"]),
+                       "--params", str(params_path)])
     return out

@@ -7,9 +7,11 @@ Python: `from conftest import ...` gets whichever pytest imported last. Plain he
 from __future__ import annotations
 
 import copy
+import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,3 +44,18 @@ def copy_repo(dest: Path) -> Path:
     shutil.copytree(REPO, dest, ignore=ignore)
     (dest / ".dvc" / "cache").mkdir(parents=True, exist_ok=True)
     return dest
+
+
+@contextmanager
+def mlflow_store(root: Path) -> Iterator[None]:
+    """Log to a SQLite MLflow store in `root` inside the block (session fixtures outlive the
+    per-test monkeypatch, so they set and restore the variable themselves)."""
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved

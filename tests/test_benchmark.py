@@ -18,7 +18,6 @@ from pipeline import benchmark as bm
 from pipeline.calibration_io import calibration_frame_paths, load_calibration_tensors, rebuild_calibration_tensors
 from pipeline.device.runtime import StageTimes
 from pipeline.params import BaseParams, BenchmarkParams, ExportParams, QuantizeParams, build, load_params
-from test_evaluate import quantized  # noqa: F401  (module fixture: tiny model through camera/calibrate/quantize)
 
 F = Path("params.yaml")
 

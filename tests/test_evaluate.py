@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -46,41 +45,6 @@ def _write_yolo_split(root: Path, split: str, n: int, names: list[str]) -> Path:
         (root / "labels" / split / f"{i:03d}.txt").write_text("0 0.5 0.5 0.25 0.25\n")
     (root / "dataset.yaml").write_text(yaml.safe_dump({split: f"images/{split}", "names": dict(enumerate(names))}))
     return root
-
-
-@pytest.fixture(scope="module")
-def quantized(tiny_model: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The tiny model carried through the real camera, calibrate and quantize stages (about 20 s)."""
-    from pipeline import calibrate, camera, quantize
-
-    root = tmp_path_factory.mktemp("quantized")
-    params = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()))
-    params_path = root / "params.yaml"
-    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-    out = {**tiny_model, "params": params_path, "frames": root / "camera_frames", "calibration": root / "calibration",
-           "int8": root / "yolov8n.int8.onnx", "dynamic": root / "yolov8n.dynamic.onnx",
-           "quantize_metrics": root / "quantize.json"}
-    # Module-scoped: the per-test MLflow isolation is not active yet, so point MLflow at tmp here.
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    try:
-        camera.main(["--dataset-yaml", str(tiny_model["dataset"] / "dataset.yaml"), "--out", str(out["frames"]),
-                     "--metrics", str(root / "camera.json"), "--params", str(params_path)])
-        calibrate.main(["--frames", str(out["frames"]), "--dataset", str(tiny_model["dataset"]),
-                        "--camera-out", str(out["calibration"] / "camera"),
-                        "--train-out", str(out["calibration"] / "train"),
-                        "--metrics", str(root / "calibrate.json"), "--params", str(params_path)])
-        quantize.main(["--model", str(tiny_model["onnx"]), "--calibration", str(out["calibration"]),
-                       "--data", str(tiny_model["dataset"]), "--int8", str(out["int8"]),
-                       "--trt", str(root / "yolov8n.int8.trt.onnx"), "--dynamic", str(out["dynamic"]),
-                       "--candidates", str(root / "candidates.csv"), "--metrics", str(out["quantize_metrics"]),
-                       "--params", str(params_path)])
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
-    return out
 
 
 def _inputs(q: dict[str, Path], camera: Path | None = None) -> ev.EvaluateInputs:
