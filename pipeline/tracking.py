@@ -60,9 +60,46 @@ def sanitize_metric_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)
 
 
+class TrackingServerUnreachable(ConnectionError):
+    """The http(s) MLflow tracking server in MLFLOW_TRACKING_URI did not answer."""
+
+
+def check_server_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Raise `TrackingServerUnreachable` (naming the URI and the fix) if an http(s) server is down.
+
+    MLflow's client retries a refused connection with backoff for minutes, silently, before it
+    raises (over 2 min against a closed port), so a stage would hang instead of failing. One GET
+    of the server's `/health` with a short timeout decides it first. Any HTTP answer, even an
+    error status (a proxy asking for auth), counts as reachable: MLflow reports what follows.
+    Non-http URIs (the SQLite default, file stores) are not checked.
+    """
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    host = parts.netloc.rsplit("@", 1)[-1]  # never echo or send credentials embedded in the URI
+    shown = f"{parts.scheme}://{host}{parts.path}"
+    try:
+        urllib.request.urlopen(f"{shown.rstrip('/')}/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return
+    except OSError as e:  # URLError (refused, DNS), TimeoutError
+        reason = getattr(e, "reason", e)
+        raise TrackingServerUnreachable(
+            f"MLflow tracking server {shown} (MLFLOW_TRACKING_URI) is not reachable: {reason}. "
+            f"Start it (e.g. `mlflow server --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 "
+            f"--port {parts.port or 5000}`), correct MLFLOW_TRACKING_URI, or unset it to log to the "
+            f"local store sqlite:///{repo_root() / 'mlflow.db'}"
+        ) from e
+
+
 def _setup(mlflow: Any) -> str:
     """Point mlflow at the tracking URI and experiment; return the experiment id."""
     uri = tracking_uri()
+    check_server_reachable(uri)
     mlflow.set_tracking_uri(uri)
     name = experiment_name()
     exp = mlflow.get_experiment_by_name(name)
