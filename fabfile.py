@@ -40,6 +40,8 @@ def _finish(run: runner.FleetRun, extra: str = "") -> None:
         print(extra)
     if run.mlflow_run_id:
         print(f"MLflow run: {run.mlflow_run_id}")
+    for alias, outcome in sorted(run.registry.items()):
+        print(f"Model registry alias '{alias}': " + (f"version {outcome}" if outcome.isdigit() else outcome))
     if any(not r.ok for r in run.results):
         raise Exit(code=1)
 

@@ -50,7 +50,7 @@ from pipeline.device.postprocess import FORMAT_RAW, spec_from_metadata
 from pipeline.device.runtime import Detector
 from pipeline.device.sysinfo import describe_device
 from pipeline.params import BaseParams, BenchmarkParams, ExportParams, QuantizeParams, load_params
-from pipeline.tracking import log_metrics, set_tags, stage_run
+from pipeline.tracking import lineage_tags, log_metrics, set_tags, stage_run
 
 SCHEMA = 1
 
@@ -345,7 +345,8 @@ def main(argv: list[str] | None = None) -> None:
     q = load_params("quantize", QuantizeParams, args.params)
     export = load_params("export", ExportParams, args.params)
     inputs = BenchmarkInputs(args.weights, args.model, args.int8, args.dynamic, args.calibration)
-    with stage_run("benchmark", base, p, q, export):
+    tags = lineage_tags(weights=args.weights, onnx=args.model, int8=args.int8, dynamic=args.dynamic)
+    with stage_run("benchmark", base, p, q, export, tags=tags):
         doc = benchmark(inputs, p, q, export, base)
         atomic_write_json(args.results, doc)
         atomic_write_text(args.csv, results_csv(doc))

@@ -37,7 +37,7 @@ from pipeline.dataset import IMAGE_SUFFIXES, decode_image
 from pipeline.device import preprocess
 from pipeline.device.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from pipeline.params import BaseParams, CalibrateParams, ExportParams, load_params
-from pipeline.tracking import log_metrics, stage_run
+from pipeline.tracking import lineage_tags, log_metrics, set_tags, stage_run
 
 SELECTION_METHOD = "phash-dedup + greedy-farthest-point"
 PREPROCESS_MODULE = "pipeline/device/preprocess.py"
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     base = load_params("base", BaseParams, args.params)
     p = load_params("calibrate", CalibrateParams, args.params)
     export = load_params("export", ExportParams, args.params)
-    with stage_run("calibrate", base, p):
+    with stage_run("calibrate", base, p, tags=lineage_tags(camera_frames=args.frames, dataset=args.dataset)):
         manifests = build_calibration_sets(args.frames, args.dataset,
                                            {"camera": args.camera_out, "train": args.train_out}, p, export, base)
         metrics = calibrate_metrics(manifests)
@@ -395,6 +395,7 @@ def main(argv: list[str] | None = None) -> None:
         if "camera_minus_train" in metrics:
             flat["camera_minus_train.brightness_mean"] = metrics["camera_minus_train"]["brightness_mean"]
         log_metrics(flat)
+        set_tags(lineage_tags(calibration_camera=args.camera_out, calibration_train=args.train_out))
 
 
 if __name__ == "__main__":

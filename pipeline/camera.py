@@ -49,7 +49,7 @@ from pipeline.dataset import (
 from pipeline.device.fileio import atomic_write_json
 from pipeline.params import BaseParams, CameraModelParams, CameraParams, DataParams, load_params
 from pipeline.synthetic import CLASS_NAMES, GeneratorConfig, image_rng, render_image
-from pipeline.tracking import log_metrics, stage_run
+from pipeline.tracking import lineage_tags, log_metrics, set_tags, stage_run
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm")
 FRAMES_SUBDIR = "frames"
@@ -495,7 +495,8 @@ def main(argv: list[str] | None = None) -> None:
     base = load_params("base", BaseParams, args.params)
     data = load_params("data", DataParams, args.params)
     p = load_params("camera", CameraParams, args.params)
-    with stage_run("camera", base, p, tags={"camera_source": p.source}):
+    tags = {"camera_source": p.source, **lineage_tags(dataset=args.dataset_yaml.parent)}
+    with stage_run("camera", base, p, tags=tags):
         result = build_camera_frames(args.out, args.dataset_yaml, p, data, base)
         metrics = result.as_metrics()
         atomic_write_json(args.metrics, metrics)
@@ -505,6 +506,7 @@ def main(argv: list[str] | None = None) -> None:
             flat[f"{cid}.brightness_mean"] = m["brightness_mean"]
             flat[f"{cid}.brightness_std"] = m["brightness_std"]
         log_metrics(flat)  # type: ignore[arg-type]
+        set_tags(lineage_tags(camera_frames=args.out))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pipeline.dataset import DatasetSummary, DatasetWriter, Sample, decode_image
 from pipeline.device.fileio import atomic_write_json
 from pipeline.params import BaseParams, DataParams, load_params
 from pipeline.synthetic import CLASS_NAMES, GeneratorConfig, image_rng, render_image
-from pipeline.tracking import log_metrics, stage_run
+from pipeline.tracking import lineage_tags, log_metrics, set_tags, stage_run
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics = result.summary.as_metrics()
         atomic_write_json(args.metrics, metrics)
         log_metrics({"images_total": metrics["images_total"], "instances_total": metrics["instances_total"]})
+        set_tags(lineage_tags(dataset=args.out))
         for split, per_class in result.summary.instances.items():
             log_metrics({f"instances.{split}.{name}": n for name, n in per_class.items()})
 

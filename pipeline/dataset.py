@@ -389,11 +389,6 @@ def dataset_fingerprint(dataset_dir: Path) -> str:
 
     Label caches that Ultralytics may leave (`*.cache`) are not part of the dataset.
     """
-    import hashlib
+    from pipeline.device.fileio import tree_sha256
 
-    from pipeline.device.fileio import sha256_file
-
-    h = hashlib.sha256()
-    for f in sorted(p for p in dataset_dir.rglob("*") if p.is_file() and p.suffix != ".cache"):
-        h.update(f"{f.relative_to(dataset_dir).as_posix()}\0{sha256_file(f)}\n".encode())
-    return h.hexdigest()
+    return tree_sha256(dataset_dir, exclude_suffixes=(".cache",))

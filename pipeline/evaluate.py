@@ -39,7 +39,7 @@ from pipeline.evaluation import VAL_CONF, VAL_IOU, VAL_MAX_DET, Accuracy, evalua
 from pipeline.int8 import build_candidate
 from pipeline.onnx_graph import metadata, set_metadata
 from pipeline.params import BaseParams, EvaluateParams, QuantizeParams, load_params
-from pipeline.tracking import log_artifact, log_metrics, set_tags, stage_run
+from pipeline.tracking import lineage_tags, log_artifact, log_metrics, set_tags, stage_run
 from pipeline.ultralytics_env import import_ultralytics
 
 CAMERA_SPLIT = "camera"  # key of the labelled camera-domain split in the outputs
@@ -306,7 +306,9 @@ def main(argv: list[str] | None = None) -> None:
     q = load_params("quantize", QuantizeParams, args.params)
     inputs = EvaluateInputs(args.weights, args.model, args.int8, args.dynamic, args.calibration,
                             args.quantize_metrics, args.data, args.camera)
-    tags = {"source_model_sha256": sha256_file(args.int8)} if args.int8.is_file() else {}
+    tags = {**({"source_model_sha256": sha256_file(args.int8)} if args.int8.is_file() else {}),
+            **lineage_tags(weights=args.weights, onnx=args.model, int8=args.int8, dynamic=args.dynamic,
+                           dataset=args.data)}
     with stage_run("evaluate", base, p, q, tags=tags):
         r = evaluate(inputs, p, q, base)
         atomic_write_json(args.metrics, summary(r))

@@ -26,7 +26,7 @@ from pipeline.dataset import decode_image, iter_split_files
 from pipeline.device.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from pipeline.device.preprocess import preprocess
 from pipeline.params import BaseParams, ExportParams, load_params
-from pipeline.tracking import log_artifact, log_metrics, set_tags, stage_run
+from pipeline.tracking import lineage_tags, log_artifact, log_metrics, set_tags, stage_run
 from pipeline.ultralytics_env import import_ultralytics
 
 # Raw YOLOv8 head: (1, 4 + nc, anchors), boxes as cx, cy, w, h in input pixels, sigmoid scores.
@@ -147,8 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     base = load_params("base", BaseParams, args.params)
     p = load_params("export", ExportParams, args.params)
-    tags = {"source_weights_sha256": sha256_file(args.weights)} if args.weights.is_file() else {}
-    with stage_run("export", base, p, tags=tags):
+    with stage_run("export", base, p, tags=lineage_tags(weights=args.weights, dataset=args.data)):
         r = export(args.weights, args.data, args.out, p, base)
         metrics = {
             "size_bytes": r.size_bytes,
@@ -160,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         atomic_write_json(args.metrics, metrics)
         log_metrics(metrics)
-        set_tags({"model_sha256": sha256_file(args.out)})
+        set_tags({"model_sha256": sha256_file(args.out), **lineage_tags(onnx=args.out)})
         log_artifact(args.out, "model")
         print(f"export: {args.out} ({metrics['size_mb']} MB), parity on {r.parity_images} val images: "
               f"boxes {r.max_abs_diff_box:.2e} px, scores {r.max_abs_diff_score:.2e}", flush=True)

@@ -33,7 +33,7 @@ from pipeline.evaluation import decoder, evaluate_session, load_split, onnx_sess
 from pipeline.int8 import build_candidate, build_dynamic, describe, interleaved_latency
 from pipeline.onnx_graph import metadata, set_metadata
 from pipeline.params import BaseParams, QuantizeParams, load_params
-from pipeline.tracking import log_artifact, log_metrics, set_tags, stage_run
+from pipeline.tracking import lineage_tags, log_artifact, log_metrics, set_tags, stage_run
 
 
 class AccuracyGateError(RuntimeError):
@@ -193,13 +193,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def _weights_tag(onnx_path: Path) -> dict[str, str]:
+    """`weights_sha256` from the FP32 ONNX's metadata (export records its source weights)."""
+    if not onnx_path.is_file():
+        return {}
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    return {"weights_sha256": meta["source_weights_sha256"]} if meta.get("source_weights_sha256") else {}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the stage: candidates, gate, outputs, metrics, one MLflow run."""
     args = parse_args(argv)
     base = load_params("base", BaseParams, args.params)
     p = load_params("quantize", QuantizeParams, args.params)
     calib_dir = args.calibration / p.calibration_set
-    tags = {"source_model_sha256": sha256_file(args.model)} if args.model.is_file() else {}
+    tags = {**lineage_tags(onnx=args.model, calibration=calib_dir, dataset=args.data),
+            **_weights_tag(args.model)}
     with stage_run("quantize", base, p, tags=tags):
         outs = {"int8": args.int8, "trt": args.trt, "dynamic": args.dynamic, "candidates": args.candidates}
         r = quantize(args.model, calib_dir, args.data, outs, p, base)
@@ -225,7 +236,11 @@ def main(argv: list[str] | None = None) -> None:
                      "fp32_latency_ms": r.fp32_latency_ms})
         set_tags({"model_sha256": sha256_file(args.int8), "chosen": r.chosen.name,
                   "calibration_set": p.calibration_set})
+        set_tags(lineage_tags(int8=args.int8, trt_onnx=args.trt, dynamic=args.dynamic))
         log_artifact(args.candidates)
+        # The models themselves: the model registry's versions point at these (fab deploy).
+        for model in (args.int8, args.trt, args.dynamic):
+            log_artifact(model, "models")
         print(f"quantize: chose {r.chosen.name} ({r.chosen.config}): {r.chosen.speedup:.2f}x FP32, "
               f"mAP50-95 drop {r.chosen.drop:+.4f}, {r.chosen.size_bytes / r.fp32_size:.0%} of FP32 size", flush=True)
 

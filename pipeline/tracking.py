@@ -14,7 +14,7 @@ import re
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from pipeline.params import flatten, params_hash
 from pipeline.paths import repo_root
@@ -22,6 +22,26 @@ from pipeline.paths import repo_root
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 DEFAULT_EXPERIMENT = "edge-defect-detection"
 PIPELINE_RUN_ENV = "PIPELINE_RUN_ID"  # optional: groups the stage runs of one `dvc repro`
+
+# Lineage: every stage run tags the sha256 of what it consumed and produced as `<name>_sha256`
+# (a file's sha256, a folder's tree hash). The same value on two runs links them: the run of the
+# producing stage below is where the artifact came from. A device run carries the same tags, so
+# from a device benchmark a person walks back engine -> ONNX -> weights -> dataset, each step with
+# its params_hash and git_commit (`python -m pipeline.lineage RUN_ID` does the walk).
+LINEAGE_PRODUCERS: dict[str, str] = {
+    "dataset_sha256": "data",
+    "camera_frames_sha256": "camera",
+    "weights_sha256": "train",
+    "onnx_sha256": "export",
+    "calibration_camera_sha256": "calibrate",
+    "calibration_train_sha256": "calibrate",
+    "calibration_sha256": "calibrate",  # the set quantize used (equals one of the two above)
+    "int8_sha256": "quantize",
+    "trt_onnx_sha256": "quantize",
+    "dynamic_sha256": "quantize",
+}
+# The tags a consumer copies from the run that produced its model (fleet manifests, device runs).
+LINEAGE_CARRIED = tuple(LINEAGE_PRODUCERS) + ("params_hash", "git_commit", "pipeline_run")
 
 
 def tracking_uri() -> str:
@@ -51,6 +71,73 @@ def git_commit(cwd: Path | None = None) -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{sha}-dirty" if dirty else sha
+
+
+def lineage_tags(**artifacts: Path | None) -> dict[str, str]:
+    """`<name>_sha256` tags for the artifacts that exist: a file's sha256, a folder's tree hash.
+
+    Names are those of LINEAGE_PRODUCERS without the suffix: `lineage_tags(dataset=data_dir,
+    weights=pt)`. A missing path is left out (a stage run that fails early still gets a run).
+    """
+    from pipeline.device.fileio import sha256_file, tree_sha256
+
+    tags: dict[str, str] = {}
+    for name, path in artifacts.items():
+        key = f"{name}_sha256"
+        if key not in LINEAGE_PRODUCERS:
+            raise ValueError(f"unknown lineage artifact '{name}': use one of "
+                             f"{', '.join(k.removesuffix('_sha256') for k in LINEAGE_PRODUCERS)}")
+        if path is None:
+            continue
+        if path.is_file():
+            tags[key] = sha256_file(path)
+        elif path.is_dir():
+            tags[key] = tree_sha256(path, exclude_suffixes=(".cache",))
+    return tags
+
+
+def find_producer(client: Any, experiment_ids: Sequence[str], key: str, sha: str,
+                  stage: str | None = None) -> Any | None:
+    """The latest finished run of the stage that produces `key` and carries `key` = `sha`, or None."""
+    stage = stage or LINEAGE_PRODUCERS.get(key)
+    if not stage or not sha:
+        return None
+    runs = client.search_runs(list(experiment_ids), f"tags.stage = '{stage}' and tags.{key} = '{sha}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def walk_lineage(run_id: str, client: Any | None = None) -> list[dict[str, Any]]:
+    """Follow the lineage tags from one run (a device run, a stage run) back to the data stage.
+
+    Returns one entry per run reached, nearest first: stage, run_id, git_commit, params_hash and
+    the run's `*_sha256` tags. Links: `source_run_id` (a device run's producer), then every
+    lineage tag whose producing stage ran with the same value.
+    """
+    import mlflow
+
+    client = client or mlflow.MlflowClient(tracking_uri())
+    exps = [e.experiment_id for e in client.search_experiments()]
+    seen: set[str] = set()
+    chain: list[dict[str, Any]] = []
+    queue = [client.get_run(run_id)]
+    while queue:
+        run = queue.pop(0)
+        if run.info.run_id in seen:
+            continue
+        seen.add(run.info.run_id)
+        tags = run.data.tags
+        chain.append({"stage": tags.get("stage", ""), "run_id": run.info.run_id, "run_name": run.info.run_name,
+                      "git_commit": tags.get("git_commit", ""), "params_hash": tags.get("params_hash", ""),
+                      "shas": {k: v for k, v in sorted(tags.items()) if k.endswith("_sha256")}})
+        if tags.get("source_run_id"):
+            queue.append(client.get_run(tags["source_run_id"]))
+        for key, producer_stage in LINEAGE_PRODUCERS.items():
+            if key in tags and producer_stage != tags.get("stage"):
+                found = find_producer(client, exps, key, tags[key], producer_stage)
+                if found is not None:
+                    queue.append(found)
+    return chain
 
 
 def sanitize_metric_name(name: str) -> str:

@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import paths
-from pipeline.dataset import dataset_fingerprint
 from pipeline.device.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from pipeline.params import BaseParams, TrainParams, load_params
-from pipeline.tracking import log_artifact, log_metrics, sanitize_metric_name, set_tags, stage_run
+from pipeline.tracking import lineage_tags, log_artifact, log_metrics, sanitize_metric_name, set_tags, stage_run
 from pipeline.ultralytics_env import import_ultralytics
 
 # Columns of the per-epoch curve (reports/train/epochs.csv), in Ultralytics' key names.
@@ -206,8 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     base = load_params("base", BaseParams, args.params)
     p = load_params("train", TrainParams, args.params)
-    tags = {"dataset_sha256": dataset_fingerprint(args.data.parent)} if args.data.is_file() else {}
-    with stage_run("train", base, p, tags=tags):
+    with stage_run("train", base, p, tags=lineage_tags(dataset=args.data.parent)):
         result = train(args.data, args.out, p, base)
         metrics = {
             "precision": round(result.precision, 6),
@@ -221,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         atomic_write_json(args.metrics, metrics)
         write_epochs_csv(result.epochs, args.epochs_csv)
         log_metrics({**{f"final_{k}": v for k, v in metrics.items()}, "train_seconds": result.seconds})
-        set_tags({"model_sha256": sha256_file(args.out)})
+        set_tags({"model_sha256": sha256_file(args.out), **lineage_tags(weights=args.out)})
         log_artifact(args.out, "weights")
         print(f"train: val mAP50 {result.map50:.3f}, mAP50-95 {result.map50_95:.3f} "
               f"in {result.seconds / 60:.1f} min -> {args.out}", flush=True)

@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Iterable, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -18,6 +18,20 @@ def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
+    return h.hexdigest()
+
+
+def tree_sha256(folder: PathLike, exclude_suffixes: Iterable[str] = ()) -> str:
+    """sha256 over every file's relative path and content hash under `folder` (sorted walk).
+
+    The identity of a folder output (a dataset, a calibration set) for lineage tags: the same
+    files with the same names give the same hash on any machine.
+    """
+    root = Path(folder)
+    skip = tuple(exclude_suffixes)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix not in skip):
+        h.update(f"{f.relative_to(root).as_posix()}\0{sha256_file(f)}\n".encode())
     return h.hexdigest()
 
 

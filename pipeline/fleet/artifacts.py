@@ -171,22 +171,32 @@ def health_sample(samples_dir: Path) -> Path:
     return images[0]
 
 
-def source_run_id(model_sha256: str) -> str:
-    """The MLflow run that produced the model with this sha256 (tag model_sha256), or ''."""
+def source_lineage(model_sha256: str) -> dict[str, str]:
+    """Where the model with this sha256 came from: the producing pipeline run and its lineage tags.
+
+    Returns `mlflow_run_id` plus the producer's `LINEAGE_CARRIED` tags (dataset/weights/ONNX/
+    calibration sha256s, git commit, params hash), or {} when no pipeline run produced this file
+    (a model copied in by hand). They go into the release manifest and every device run.
+    """
     import mlflow  # lazy: costs seconds to import, needed once per deploy
 
-    from pipeline.tracking import experiment_name, tracking_uri
+    from pipeline.tracking import LINEAGE_CARRIED, experiment_name, tracking_uri
 
     client = mlflow.MlflowClient(tracking_uri())
     exp = client.get_experiment_by_name(experiment_name())
     if exp is None:
-        return ""
-    runs = client.search_runs([exp.experiment_id], f"tags.model_sha256 = '{model_sha256}'",
-                              order_by=["attributes.start_time DESC"], max_results=50)
-    # Fleet runs carry model_sha256 too (they consumed the model); the producer is a pipeline stage.
-    producers = [r for r in runs if r.data.tags.get("stage") and "fleet_command" not in r.data.tags
-                 and not r.data.tags.get("stage", "").endswith("-device")]
-    return producers[0].info.run_id if producers else ""
+        return {}
+    # The producer tags the file under its own key: int8/trt_onnx/dynamic (quantize), onnx (export).
+    for key in ("int8_sha256", "trt_onnx_sha256", "dynamic_sha256", "onnx_sha256", "model_sha256"):
+        runs = client.search_runs([exp.experiment_id], f"tags.{key} = '{model_sha256}'",
+                                  order_by=["attributes.start_time DESC"], max_results=50)
+        # Fleet and evaluate/benchmark runs carry the sha too (they consumed it): keep producers.
+        producers = [r for r in runs if r.data.tags.get("stage") in ("quantize", "export", "train")]
+        if producers:
+            run = producers[0]
+            tags = {k: run.data.tags[k] for k in LINEAGE_CARRIED if run.data.tags.get(k)}
+            return {"mlflow_run_id": run.info.run_id, "source_stage": run.data.tags["stage"], **tags}
+    return {}
 
 
 def build_release(host: Host, sources: Sources, model: str, runtime: Bundle,

@@ -38,6 +38,22 @@ def _versions(doc: Mapping[str, Any]) -> dict[str, str]:
     return found
 
 
+def lineage_device_tags(source: Mapping[str, Any]) -> dict[str, str]:
+    """The producing pipeline run's lineage (from the release manifest) as device-run tags.
+
+    The sha256 tags keep their names, so `pipeline.lineage` links a device run to the stage
+    runs; the producer's commit and params hash get a `pipeline_` prefix (the deploy run has
+    its own `git_commit`: the workstation's checkout at deploy time).
+    """
+    from pipeline.tracking import LINEAGE_PRODUCERS
+
+    tags = {k: str(v) for k, v in source.items() if k in LINEAGE_PRODUCERS and v}
+    for key in ("git_commit", "params_hash", "pipeline_run", "source_stage", "model_file"):
+        if source.get(key):
+            tags[key if key.startswith(("pipeline_", "source_", "model_")) else f"pipeline_{key}"] = str(source[key])
+    return tags
+
+
 def host_tags(host: Host, r: HostResult) -> dict[str, str]:
     """The comparable tag set of one device run."""
     tags = {**host.public_tags(), "outcome": r.outcome, "release": r.release, "runtime_code": r.runtime,
@@ -45,6 +61,7 @@ def host_tags(host: Host, r: HostResult) -> dict[str, str]:
             "engine_key": str(r.engine.get("key", "")), "engine_sha256": str(r.engine.get("sha256", "")),
             "engine_reused": str(r.engine.get("reused", "")),
             "source_run_id": str(r.details.get("source_run_id", ""))}
+    tags.update(lineage_device_tags(r.details.get("lineage") or {}))
     tags.update(_versions(r.bench.get("device", {}) if r.bench else {}))
     if r.error:
         tags["error"] = f"[{r.failed_step}] {r.error}"[:4900]
@@ -61,8 +78,12 @@ def _metrics(r: HostResult) -> dict[str, float]:
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
-def log_fleet_run(run: Any, hosts: Mapping[str, Host]) -> str:
-    """Log a FleetRun: a parent run with fleet totals, a nested run per device. Returns the parent id."""
+def log_fleet_run(run: Any, hosts: Mapping[str, Host], models_dir: Path | None = None) -> str:
+    """Log a FleetRun: a parent run with fleet totals, a nested run per device. Returns the parent id.
+
+    A deploy also registers the deployed models and moves the group's registry alias
+    (`registry.register_deploy`); what moved lands in `run.registry` and the parent's tags.
+    """
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
@@ -94,6 +115,13 @@ def log_fleet_run(run: Any, hosts: Mapping[str, Host]) -> str:
         if r.bench_path and Path(r.bench_path).is_file():
             client.log_artifact(cid, r.bench_path, artifact_path="bench")
         client.set_terminated(cid, "FINISHED" if r.ok else "FAILED")
+    if run.command == "deploy":
+        from pipeline.fleet.artifacts import Sources
+        from pipeline.fleet.registry import register_deploy
+
+        run.registry = register_deploy(client, run, hosts, pid, models_dir or Sources.default().models_dir)
+        for alias, outcome in run.registry.items():
+            client.set_tag(pid, f"registry.{alias}", outcome)
     client.set_terminated(pid, "FINISHED" if not failed else "FAILED")
     return pid
 

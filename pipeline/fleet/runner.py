@@ -17,7 +17,7 @@ from pipeline import paths
 from pipeline.fleet import steps
 from pipeline.fleet.artifacts import (ArtifactError, Release, Sources, build_release, cached_sha256,
                                       materialize_manifest, new_workdir, runtime_bundle, select_model_files,
-                                      source_run_id, utc_stamp)
+                                      source_lineage, utc_stamp)
 from pipeline.fleet.connection import connect
 from pipeline.fleet.inventory import Host, Inventory
 from pipeline.fleet.results import HostResult, bench_metrics
@@ -34,6 +34,7 @@ class FleetRun:
     wall_s: float
     options: dict[str, Any] = field(default_factory=dict)
     mlflow_run_id: str = ""
+    registry: dict[str, str] = field(default_factory=dict)  # deploy: alias -> registry version (or why not)
 
 
 def run_on_hosts(hosts: Sequence[Host], inventory: Inventory, work: Callable[[Any, Host, HostResult], None],
@@ -85,7 +86,7 @@ def _resolve_releases(hosts: Sequence[Host], sources: Sources, model: str, workd
                       ) -> tuple[dict[str, Release], dict[str, str]]:
     """Build each host's release (hosts sharing settings share one); errors are per host."""
     runtime = runtime_bundle(sources.runtime_root)
-    lineage_cache: dict[str, str] = {}
+    lineage_cache: dict[str, dict[str, str]] = {}
     releases: dict[str, Release] = {}
     errors: dict[str, str] = {}
     for host in hosts:
@@ -93,8 +94,9 @@ def _resolve_releases(hosts: Sequence[Host], sources: Sources, model: str, workd
             model_file, _ = select_model_files(host, sources.models_dir, model)
             sha = cached_sha256(model_file)
             if sha not in lineage_cache:
-                lineage_cache[sha] = source_run_id(sha)
-            release = build_release(host, sources, model, runtime, {"mlflow_run_id": lineage_cache[sha]})
+                lineage_cache[sha] = source_lineage(sha)
+            lineage = {**lineage_cache[sha], "model_file": model_file.name}
+            release = build_release(host, sources, model, runtime, lineage)
             releases[host.name] = materialize_manifest(release, workdir)
         except ArtifactError as e:
             errors[host.name] = str(e)
@@ -124,7 +126,8 @@ def deploy(inventory: Inventory, group: str | None = None, host: str | None = No
             rel = releases[h.name]
             r.release, r.runtime = rel.manifest.release, rel.runtime.name
             r.details.update(model_sha256=rel.manifest.source["model_sha256"],
-                             source_run_id=rel.manifest.source.get("mlflow_run_id", ""))
+                             source_run_id=rel.manifest.source.get("mlflow_run_id", ""),
+                             lineage=dict(rel.manifest.source))
             with r.step("probe"):
                 state = steps.probe(conn, h, rel.runtime, rel.bundle, dry=dry_run)
             deploy_dir = state["deploy_dir"]
@@ -159,7 +162,7 @@ def deploy(inventory: Inventory, group: str | None = None, host: str | None = No
     if log_to_mlflow and not dry_run:
         from pipeline.fleet.mlflow_log import log_fleet_run
 
-        run.mlflow_run_id = log_fleet_run(run, {h.name: h for h in hosts})
+        run.mlflow_run_id = log_fleet_run(run, {h.name: h for h in hosts}, sources.models_dir)
     return run
 
 
@@ -189,7 +192,8 @@ def benchmark(inventory: Inventory, group: str | None = None, host: str | None =
         r.release = st["current"]
         source = st.get("current_manifest", {}).get("source", {})
         r.runtime = source.get("runtime", "")
-        r.details.update(model_sha256=source.get("model_sha256", ""), source_run_id=source.get("mlflow_run_id", ""))
+        r.details.update(model_sha256=source.get("model_sha256", ""), source_run_id=source.get("mlflow_run_id", ""),
+                         lineage=dict(source))
         if not r.runtime:
             raise steps.StepError(f"release {r.release} names no runtime in its manifest; redeploy")
         if h.runtime == "tensorrt":
