@@ -4,7 +4,7 @@ SHELL := /bin/bash
 export YOLO_OFFLINE := 1
 VENV := .venv/bin
 
-.PHONY: run test test-fast bootstrap repro deploy-local
+.PHONY: run test test-fast bootstrap repro deploy-local repro-check
 
 bootstrap:
 	scripts/bootstrap.sh
@@ -28,3 +28,10 @@ test:
 ## Unit tests only (seconds).
 test-fast: bootstrap
 	source $(VENV)/activate && python -m pytest -m "not slow and not ssh and not gpu"
+
+## Reproducibility check: `dvc repro` twice from clean on tiny params in two temp workspaces (the
+## working tree, uncommitted edits included), dvc.lock hashes and metrics compared by the rules in
+## params.yaml `repro_check` (README, "How reproducibility is checked"). Non-zero exit on a difference.
+## REPRO_CHECK_ARGS passes options, e.g. `make repro-check REPRO_CHECK_ARGS="--stages data --from-head"`.
+repro-check: bootstrap
+	source $(VENV)/activate && python -m pipeline.repro_check $(REPRO_CHECK_ARGS)

@@ -496,3 +496,45 @@ class BenchmarkParams:
         _check(self.frames >= 1, "benchmark.frames must be >= 1")
         _check(0.0 < self.conf < 1.0 and 0.0 < self.iou < 1.0, "benchmark.conf and benchmark.iou must be in (0, 1)")
         _check(self.max_det >= 1, "benchmark.max_det must be >= 1")
+
+
+@dataclass(frozen=True)
+class MetricTolerance:
+    """How far a metric may move between two runs: |a - b| <= max(abs_tol, rel_tol * max(|a|, |b|))."""
+
+    metrics: str  # glob over dotted metric keys (`*mAP50-95`, `results.*.size_bytes`)
+    abs_tol: float
+    rel_tol: float
+
+    def __post_init__(self) -> None:
+        _check(bool(self.metrics), "repro_check.tolerances: every entry needs a metrics pattern")
+        _check(self.abs_tol >= 0 and self.rel_tol >= 0,
+               f"repro_check.tolerances '{self.metrics}': abs_tol and rel_tol must be >= 0")
+
+
+@dataclass(frozen=True)
+class ReproChoiceParams:
+    """A stage that picks by a measurement (quantize: the fastest candidate) and where its pick is written."""
+
+    stage: str  # "" = no stage picks by measurement
+    metrics: str  # that stage's metrics file
+    key: str  # dotted key of the pick in it
+
+    def __post_init__(self) -> None:
+        _check(not self.stage or (bool(self.metrics) and bool(self.key)),
+               "repro_check.choice: metrics and key are required when stage is set")
+
+
+@dataclass(frozen=True)
+class ReproCheckParams:
+    """`python -m pipeline.repro_check`: which stages must reproduce bit for bit and what may move."""
+
+    tolerant_stages: tuple[str, ...]  # outputs are measurements: metrics compared within tolerances
+    tolerant_outputs: tuple[str, ...]  # measurement files inside otherwise bit-exact stages
+    choice: ReproChoiceParams
+    ignore_metrics: tuple[str, ...]  # globs over metric keys never compared (latencies)
+    tolerances: tuple[MetricTolerance, ...]  # first match wins; a number matching none must be equal
+
+    def __post_init__(self) -> None:
+        _check(len(set(self.tolerant_stages)) == len(self.tolerant_stages),
+               "repro_check.tolerant_stages lists a stage twice; list each once")
