@@ -389,12 +389,18 @@ def prepare_workspace(source: Path, dest: Path, *, from_head: bool) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     if from_head:
         with tempfile.TemporaryFile() as tar:
-            subprocess.run(["git", "archive", "--format=tar", "HEAD"], cwd=source, stdout=tar, check=True)
+            proc = subprocess.run(["git", "-c", f"safe.directory={source}", "archive", "--format=tar", "HEAD"],
+                                  cwd=source, stdout=tar, stderr=subprocess.PIPE, text=False)
+            if proc.returncode != 0:
+                raise ReproCheckError(f"git archive HEAD in {source} failed: {proc.stderr.decode().strip()} "
+                                      "(--from-head needs at least one commit)")
             tar.seek(0)
             with tarfile.open(fileobj=tar) as archive:
                 archive.extractall(dest, filter="data")
     else:
-        listing = _git(["ls-files", "-z", "--cached", "--others", "--exclude-standard"], source)
+        # safe.directory: CI may run as root on a checkout another user owns; we only read it
+        listing = _git(["-c", f"safe.directory={source}", "ls-files", "-z", "--cached", "--others",
+                        "--exclude-standard"], source)
         for rel in sorted(filter(None, listing.split("\0"))):
             src = source / rel
             if not src.is_file() and not src.is_symlink():
