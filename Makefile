@@ -22,7 +22,7 @@ deploy-local:
 
 ## Every test, including the slow end-to-end `dvc repro` and the real-sshd fleet tests.
 test:
-	scripts/bootstrap.sh --with-sshd
+	scripts/bootstrap.sh --with-sshd --with-browser
 	source $(VENV)/activate && python -m pytest
 
 ## Unit tests only (seconds).

@@ -1,10 +1,23 @@
 #!/usr/bin/env bash
 # Create .venv and install the project with everything the pipeline and the tests need.
 # Idempotent: re-runs are quick when pyproject.toml has not changed (stamp file in .venv).
-# Usage: scripts/bootstrap.sh [--with-sshd]   (--with-sshd also installs the OpenSSH server
-# the fleet tests start as simulated devices)
+# Usage: scripts/bootstrap.sh [--with-sshd] [--with-browser]
+#   --with-sshd     also installs the OpenSSH server the fleet tests start as simulated devices
+#   --with-browser  also installs Debian's Chromium + chromedriver, which the MLflow UI test drives
+#                   headless (a browser download by Playwright/Selenium cannot work offline)
+# System packages are installed only when missing (apt-get as root, else via sudo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+WITH_SSHD=0
+WITH_BROWSER=0
+for arg in "$@"; do
+  case "$arg" in
+    --with-sshd) WITH_SSHD=1 ;;
+    --with-browser) WITH_BROWSER=1 ;;
+    *) echo "bootstrap: unknown option '$arg' (options: --with-sshd, --with-browser)" >&2; exit 2 ;;
+  esac
+done
 
 PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
@@ -13,11 +26,19 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
   exit 1
 fi
 
-if [[ "${1:-}" == "--with-sshd" ]] && ! command -v sshd >/dev/null 2>&1 && [[ ! -x /usr/sbin/sshd ]]; then
-  echo "bootstrap: installing openssh-server (fleet tests run real sshd test hosts)"
+apt_packages=()
+if [[ $WITH_SSHD -eq 1 ]] && ! command -v sshd >/dev/null 2>&1 && [[ ! -x /usr/sbin/sshd ]]; then
+  echo "bootstrap: will install openssh-server (fleet tests run real sshd test hosts)"
+  apt_packages+=(openssh-server openssh-client)
+fi
+if [[ $WITH_BROWSER -eq 1 ]] && { ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; }; then
+  echo "bootstrap: will install chromium + chromium-driver (the MLflow UI test drives headless Chromium)"
+  apt_packages+=(chromium chromium-driver)
+fi
+if [[ ${#apt_packages[@]} -gt 0 ]]; then
   if [[ $(id -u) -eq 0 ]]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq openssh-server openssh-client >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${apt_packages[@]}" >/dev/null
 fi
 
 [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
