@@ -1,8 +1,10 @@
 """What runs on the device: a stdlib helper passed to `python -c`, and the device runtime CLI.
 
-The helper does the filesystem work of a deploy in one round trip per step (probe the deploy
-dir, reuse files already on the device by sha256, verify + publish a staged folder, switch the
-`current`/`previous` symlinks atomically, report status, list camera frames). It is sent as the
+The helper does the filesystem work of a deploy (probe the deploy dir, reuse files already on
+the device by sha256, verify + publish a staged folder, switch the `current`/`previous` symlinks
+atomically, report status, list camera frames). A deploy needs two commands per host: `probe`
+before the upload and `activate` after it (verify + publish, engine, health, switch, bench),
+because every SSH command costs a login shell and a round trip on the device. It is sent as the
 argument of `python -c`, so nothing beyond the shipped runtime (`pipeline/__init__.py` and
 `pipeline/device/`) is ever installed on the device. Python 3.9+, stdlib only.
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from pipeline.fleet.inventory import Host
@@ -199,7 +202,69 @@ def frames(a):
             "frames": [{"name": n, "sha256": sha256(os.path.join(d, n)), "size": os.path.getsize(os.path.join(d, n))}
                        for _, n in sorted(chosen, key=lambda t: t[1])]}
 
-OPS = {"probe": probe, "publish": publish, "switch": switch, "status": status, "frames": frames}
+def device_cli(a, verb, args, timeout):
+    """Run `python -m pipeline.device <verb> <args>` from the runtime folder: exit, output, seconds.
+
+    A list of words, no shell: nothing here is re-parsed. Never raises for the command's own
+    failure; the workstation reads the result exactly as it reads a separate SSH command's.
+    """
+    import subprocess
+    start = time.time()
+    try:
+        p = subprocess.run([sys.executable, "-m", "pipeline.device", verb] + list(args), cwd=a["runtime_dir"],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True, timeout=timeout)
+        out = {"exited": p.returncode, "stdout": p.stdout, "stderr": p.stderr}
+    except subprocess.TimeoutExpired as e:
+        out = {"exited": 124, "stdout": e.stdout or "",
+               "stderr": "pipeline.device %s timed out after %s s on the device" % (verb, timeout)}
+    out["seconds"] = round(time.time() - start, 3)
+    return out
+
+def healthy(run):
+    """The health command passed: exit 0 and its last JSON line says ok (what the workstation checks too)."""
+    if run["exited"] != 0:
+        return False
+    for line in reversed(run["stdout"].strip().splitlines()):
+        if line.strip().startswith("{"):
+            try:
+                return json.loads(line).get("ok") is True
+            except ValueError:
+                return False
+    return False
+
+def activate(a):
+    """Publish the uploaded bundles, (build the engine), health-check, switch only when healthy, (bench).
+
+    One SSH command instead of one per step: every step still runs, in the same order and with
+    the same guards as separate commands, and stops at the first failure (no switch then).
+    """
+    out = {"publish": [], "runs": {}, "switch": None, "seconds": {}}
+    start = time.time()
+    for spec in a["publish"]:
+        answer = publish(dict(spec, deploy_dir=a["deploy_dir"]))
+        out["publish"].append(answer)
+        if answer["problems"]:
+            out["seconds"]["verify"] = round(time.time() - start, 3)
+            return out
+    out["seconds"]["verify"] = round(time.time() - start, 3)
+    for name in ("engine", "health"):
+        if a.get(name):
+            run = device_cli(a, a[name]["verb"], a[name]["args"], a[name]["timeout"])
+            out["runs"][name] = run
+            out["seconds"][name] = run["seconds"]
+            if run["exited"] != 0 or (name == "health" and not healthy(run)):
+                return out
+    start = time.time()
+    out["switch"] = switch({"deploy_dir": a["deploy_dir"], "release": a["release"]})
+    out["seconds"]["switch"] = round(time.time() - start, 3)
+    if a.get("bench"):
+        run = device_cli(a, a["bench"]["verb"], a["bench"]["args"], a["bench"]["timeout"])
+        out["runs"]["bench"] = run
+        out["seconds"]["bench"] = run["seconds"]
+    return out
+
+OPS = {"probe": probe, "publish": publish, "switch": switch, "status": status, "frames": frames, "activate": activate}
 json.dump(OPS[sys.argv[1]](json.loads(sys.argv[2])), sys.stdout)
 '''
 
@@ -226,6 +291,22 @@ def run_helper(conn: Any, host: Host, op: str, args: dict[str, Any], timeout: fl
         return json.loads(result.stdout)
     except json.JSONDecodeError as e:
         raise RemoteError(f"{host.name}: device step '{op}' printed no JSON: {result.stdout[:200]!r}") from e
+
+
+@dataclass(frozen=True)
+class DeviceRun:
+    """One device CLI command's outcome as `activate` reports it (the fields of Fabric's Result)."""
+
+    stdout: str
+    stderr: str
+    exited: int
+    seconds: float
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> "DeviceRun":
+        """Read the helper's {"exited", "stdout", "stderr", "seconds"}."""
+        return cls(str(doc.get("stdout") or ""), str(doc.get("stderr") or ""), int(doc["exited"]),
+                   float(doc.get("seconds") or 0.0))
 
 
 def device_command(host: Host, runtime_dir: str, verb: str, args: Sequence[str]) -> str:

@@ -49,6 +49,15 @@ class HostResult:
         finally:
             self.timings[name] = round(time.perf_counter() - start, 3)
 
+    @contextmanager
+    def failing_as(self, name: str) -> Iterator[None]:
+        """Attribute a failure to step `name` without timing it here (the device timed it)."""
+        try:
+            yield
+        except BaseException:
+            self.failed_step = self.failed_step or name
+            raise
+
 
 class FleetError(RuntimeError):
     """One or more hosts failed; `results` holds every host's result, good and bad."""

@@ -142,19 +142,20 @@ def deploy(inventory: Inventory, group: str | None = None, host: str | None = No
                 r.details["would_switch"] = state["current"] != rel.manifest.release
                 return
             with r.step("push"):
-                steps.push_bundle(conn, h, "runtime", rel.runtime, state, deploy_dir, r)
-                steps.push_bundle(conn, h, "releases", rel.bundle, state, deploy_dir, r)
-            if h.runtime == "tensorrt":
-                with r.step("engine"):
-                    r.engine = steps.build_engine(conn, h, deploy_dir, rel.runtime.name, rel.manifest.release)
-            with r.step("health"):
-                r.health = steps.health_check(conn, h, deploy_dir, rel.runtime.name, rel.manifest.release)
-            with r.step("switch"):
-                switched = steps.switch_release(conn, h, deploy_dir, rel.manifest.release)
-            r.outcome = "deployed" if switched["changed"] else "unchanged"
-            r.previous = switched["previous"] or ""
-            if bench:
-                _bench_and_fetch(conn, h, r, deploy_dir, rel.runtime.name, rel.manifest.release, stamp, results_dir)
+                publish = [steps.upload_bundle(conn, h, "runtime", rel.runtime, state, r),
+                           steps.upload_bundle(conn, h, "releases", rel.bundle, state, r)]
+            # One command runs verify, (engine), health, switch and bench on the device; their
+            # device-side seconds go into r.timings, `activate` is the whole round trip.
+            with r.step("activate"):
+                done = steps.activate(conn, h, deploy_dir, rel.runtime.name, rel.manifest.release,
+                                      [p for p in publish if p is not None], stamp if bench else None, r)
+            r.outcome = "deployed" if done.switched["changed"] else "unchanged"
+            r.previous = done.switched["previous"] or ""
+            if done.bench is not None and done.bench_out is not None:
+                with r.failing_as("bench"):
+                    steps.check_bench(done.bench)
+                with r.step("fetch"):
+                    _fetch_bench(conn, h, r, done.bench_out, results_dir)
 
         results = run_on_hosts(hosts, inventory, work)
     run = FleetRun("deploy", results, time.perf_counter() - start,
@@ -166,14 +167,18 @@ def deploy(inventory: Inventory, group: str | None = None, host: str | None = No
     return run
 
 
+def _fetch_bench(conn: Any, h: Host, r: HostResult, remote: str, results_dir: Path) -> None:
+    local = results_dir / h.name / Path(remote).name
+    r.bench = steps.fetch_json(conn, remote, local)
+    r.bench_path = str(local)
+
+
 def _bench_and_fetch(conn: Any, h: Host, r: HostResult, deploy_dir: str, runtime: str, release: str,
                      stamp: str, results_dir: Path) -> None:
     with r.step("bench"):
         remote = steps.run_benchmark(conn, h, deploy_dir, runtime, release, stamp)
     with r.step("fetch"):
-        local = results_dir / h.name / Path(remote).name
-        r.bench = steps.fetch_json(conn, remote, local)
-        r.bench_path = str(local)
+        _fetch_bench(conn, h, r, remote, results_dir)
 
 
 def benchmark(inventory: Inventory, group: str | None = None, host: str | None = None,

@@ -10,13 +10,15 @@ import json
 import os
 import posixpath
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.device.fileio import sha256_file
 from pipeline.fleet.artifacts import Bundle
 from pipeline.fleet.inventory import Host
-from pipeline.fleet.remote import (RemoteError, last_error_line, parse_json_output, run_device, run_helper)
+from pipeline.fleet.remote import (DeviceRun, RemoteError, last_error_line, parse_json_output, run_device,
+                                  run_helper)
 from pipeline.fleet.results import HostResult
 
 # Device-side time limits. Jetson engine builds take minutes (up to ~20 for big workspaces).
@@ -44,15 +46,16 @@ def probe(conn: Any, host: Host, runtime: Bundle | None, release: Bundle | None,
     return run_helper(conn, host, "probe", args)
 
 
-def push_bundle(conn: Any, host: Host, kind: str, bundle: Bundle, state: dict[str, Any], deploy_dir: str,
-                result: HostResult) -> None:
-    """Upload the files `probe` said are missing, verify all by sha256, publish the folder.
+def upload_bundle(conn: Any, host: Host, kind: str, bundle: Bundle, state: dict[str, Any],
+                  result: HostResult) -> dict[str, Any] | None:
+    """Upload the files `probe` said are missing into the bundle's staging folder.
 
-    `kind` is `runtime` or `releases`. Skips everything when the folder is already published.
+    `kind` is `runtime` or `releases`. Returns what `activate` needs to verify and publish the
+    folder, or None when it is already published (nothing sent).
     """
     entry = state[kind][bundle.name]
     if entry["present"]:
-        return
+        return None
     stage = entry["stage"]
     for name in entry["need"]:
         conn.put(str(bundle.files[name]), posixpath.join(stage, name))
@@ -62,23 +65,27 @@ def push_bundle(conn: Any, host: Host, kind: str, bundle: Bundle, state: dict[st
         if name.endswith(".onnx"):
             result.model_bytes_sent += size
     result.files_linked += [f"{kind}/{bundle.name}/{n}" for n in entry["linked"]]
-    answer = run_helper(conn, host, "publish", {"deploy_dir": deploy_dir, "kind": kind, "name": bundle.name,
-                                                "files": {k: list(v) for k, v in bundle.entries.items()}})
-    if answer["problems"]:
-        raise StepError(f"upload verification failed ({'; '.join(answer['problems'])}); the bad files were "
-                        "removed, re-run the deploy")
+    return {"kind": kind, "name": bundle.name, "files": {k: list(v) for k, v in bundle.entries.items()}}
+
+
+def _verify_problems(answers: list[dict[str, Any]]) -> None:
+    problems = [p for a in answers for p in a["problems"]]
+    if problems:
+        raise StepError(f"upload verification failed ({'; '.join(problems)}); the bad files were removed, "
+                        "re-run the deploy")
 
 
 def _engines_args(host: Host, deploy_dir: str) -> list[str]:
     return ["--engines", posixpath.join(deploy_dir, "engines")] if host.runtime == "tensorrt" else []
 
 
-def build_engine(conn: Any, host: Host, deploy_dir: str, runtime: str, release: str) -> dict[str, Any]:
-    """Build (or reuse, when the cache key matches) the TensorRT engine on the device."""
-    release_dir = posixpath.join(deploy_dir, "releases", release)
-    res = run_device(conn, host, posixpath.join(deploy_dir, "runtime", runtime), "build-engine",
-                     ["--release", release_dir, "--engines", posixpath.join(deploy_dir, "engines")],
-                     timeout=ENGINE_TIMEOUT_S)
+def _engine_args(deploy_dir: str, release: str) -> list[str]:
+    return ["--release", posixpath.join(deploy_dir, "releases", release),
+            "--engines", posixpath.join(deploy_dir, "engines")]
+
+
+def check_engine(host: Host, res: Any) -> dict[str, Any]:
+    """The engine document of a finished `build-engine` (exit, stdout, stderr), or StepError."""
     if res.exited != 0:
         line = last_error_line(res)
         if TRT_MISSING in (res.stderr or "") + (res.stdout or ""):
@@ -88,11 +95,19 @@ def build_engine(conn: Any, host: Host, deploy_dir: str, runtime: str, release: 
     return parse_json_output(host, "build-engine", res)
 
 
-def health_check(conn: Any, host: Host, deploy_dir: str, runtime: str, release: str) -> dict[str, Any]:
-    """Run `health` on a release: sha256s verified and one inference on its sample image."""
-    release_dir = posixpath.join(deploy_dir, "releases", release)
-    res = run_device(conn, host, posixpath.join(deploy_dir, "runtime", runtime), "health",
-                     ["--release", release_dir, *_engines_args(host, deploy_dir)], timeout=HEALTH_TIMEOUT_S)
+def build_engine(conn: Any, host: Host, deploy_dir: str, runtime: str, release: str) -> dict[str, Any]:
+    """Build (or reuse, when the cache key matches) the TensorRT engine on the device."""
+    res = run_device(conn, host, posixpath.join(deploy_dir, "runtime", runtime), "build-engine",
+                     _engine_args(deploy_dir, release), timeout=ENGINE_TIMEOUT_S)
+    return check_engine(host, res)
+
+
+def _health_args(host: Host, deploy_dir: str, release: str) -> list[str]:
+    return ["--release", posixpath.join(deploy_dir, "releases", release), *_engines_args(host, deploy_dir)]
+
+
+def check_health(host: Host, release: str, res: Any) -> dict[str, Any]:
+    """The report of a finished `health` (exit, stdout, stderr) when it passed, else StepError."""
     try:
         doc = parse_json_output(host, "health", res)
     except RemoteError as e:
@@ -104,22 +119,87 @@ def health_check(conn: Any, host: Host, deploy_dir: str, runtime: str, release: 
     return doc
 
 
+def health_check(conn: Any, host: Host, deploy_dir: str, runtime: str, release: str) -> dict[str, Any]:
+    """Run `health` on a release: sha256s verified and one inference on its sample image."""
+    res = run_device(conn, host, posixpath.join(deploy_dir, "runtime", runtime), "health",
+                     _health_args(host, deploy_dir, release), timeout=HEALTH_TIMEOUT_S)
+    return check_health(host, release, res)
+
+
 def switch_release(conn: Any, host: Host, deploy_dir: str, release: str) -> dict[str, Any]:
     """Point `current` at the release (atomic symlink rename); the old current becomes `previous`."""
     return run_helper(conn, host, "switch", {"deploy_dir": deploy_dir, "release": release})
+
+
+def _bench_args(host: Host, deploy_dir: str, release: str, remote_out: str) -> list[str]:
+    return ["--release", posixpath.join(deploy_dir, "releases", release), *_engines_args(host, deploy_dir),
+            "--out", remote_out, "--warmup", str(host.bench_warmup), "--iterations", str(host.bench_iterations)]
+
+
+def check_bench(res: Any) -> None:
+    """StepError unless the finished `bench` command exited 0."""
+    if res.exited != 0:
+        raise StepError(f"benchmark failed (exit {res.exited}): {last_error_line(res)}")
 
 
 def run_benchmark(conn: Any, host: Host, deploy_dir: str, runtime: str, release: str, stamp: str) -> str:
     """Run the on-device benchmark; return the path of its JSON results on the device."""
     remote_out = posixpath.join(deploy_dir, "results", f"{stamp}.json")
     res = run_device(conn, host, posixpath.join(deploy_dir, "runtime", runtime), "bench",
-                     ["--release", posixpath.join(deploy_dir, "releases", release),
-                      *_engines_args(host, deploy_dir), "--out", remote_out,
-                      "--warmup", str(host.bench_warmup), "--iterations", str(host.bench_iterations)],
-                     timeout=BENCH_TIMEOUT_S)
-    if res.exited != 0:
-        raise StepError(f"benchmark failed (exit {res.exited}): {last_error_line(res)}")
+                     _bench_args(host, deploy_dir, release, remote_out), timeout=BENCH_TIMEOUT_S)
+    check_bench(res)
     return remote_out
+
+
+@dataclass
+class Activation:
+    """What `activate` did after health passed: the switch, and the benchmark run if asked for."""
+
+    switched: dict[str, Any]
+    bench: DeviceRun | None
+    bench_out: str | None
+
+
+def activate(conn: Any, host: Host, deploy_dir: str, runtime: str, release: str, publish: list[dict[str, Any]],
+             stamp: str | None, result: HostResult) -> Activation:
+    """Verify + publish the uploads, (engine), health, switch, (bench): one SSH command.
+
+    The device runs the steps in order and stops at the first failure, so `current` changes only
+    after the health check passed, exactly as with one command per step; the answers are checked
+    here with the same functions (`check_health`, ...). Each step's device-side seconds land in
+    `result.timings` (verify, engine, health, switch, bench). `stamp` None = no benchmark. The
+    benchmark's own failure is left to the caller (`check_bench`): the switch has happened.
+    """
+    runtime_dir = posixpath.join(deploy_dir, "runtime", runtime)
+    args: dict[str, Any] = {"deploy_dir": deploy_dir, "runtime_dir": runtime_dir, "release": release,
+                            "publish": publish,
+                            "health": {"verb": "health", "args": _health_args(host, deploy_dir, release),
+                                       "timeout": HEALTH_TIMEOUT_S}}
+    timeout = HEALTH_TIMEOUT_S
+    if host.runtime == "tensorrt":
+        args["engine"] = {"verb": "build-engine", "args": _engine_args(deploy_dir, release),
+                          "timeout": ENGINE_TIMEOUT_S}
+        timeout += ENGINE_TIMEOUT_S
+    bench_out = posixpath.join(deploy_dir, "results", f"{stamp}.json") if stamp is not None else None
+    if bench_out is not None:
+        args["bench"] = {"verb": "bench", "args": _bench_args(host, deploy_dir, release, bench_out),
+                         "timeout": BENCH_TIMEOUT_S}
+        timeout += BENCH_TIMEOUT_S
+    answer = run_helper(conn, host, "activate", args, timeout=timeout + 120.0)
+    result.timings.update({k: round(float(v), 3) for k, v in answer["seconds"].items()})
+    with result.failing_as("verify"):
+        _verify_problems(answer["publish"])
+    runs = {k: DeviceRun.from_json(v) for k, v in answer["runs"].items()}
+    if host.runtime == "tensorrt":
+        with result.failing_as("engine"):
+            result.engine = check_engine(host, runs["engine"])
+    with result.failing_as("health"):
+        result.health = check_health(host, release, runs["health"])
+    if answer["switch"] is None:  # the device's verdict differed from ours: never guess, report it
+        result.failed_step = result.failed_step or "switch"
+        raise StepError(f"the device did not switch to release {release} although its health report reads as "
+                        "passed; re-run the deploy")
+    return Activation(answer["switch"], runs.get("bench"), bench_out)
 
 
 def fetch_file(conn: Any, remote: str, local: Path) -> Path:
