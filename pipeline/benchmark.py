@@ -16,7 +16,8 @@ the quantize stage's chosen candidate, dynamic = the dynamic-quantization baseli
 - peak RSS: each variant loaded and run alone in a fresh subprocess (device code only), so the
   number is that model's, not the sum of everything this process loaded.
 
-Outputs: reports/benchmark/results.json (+ results.csv). Latency numbers differ run to run: this
+Outputs: reports/benchmark/results.json (+ results.csv, and latency_samples.csv: every timed
+detection, for the report's latency distribution). Latency numbers differ run to run: this
 stage is not bit-reproducible (see the README's "Reproducibility").
 """
 
@@ -245,6 +246,7 @@ def benchmark(inputs: BenchmarkInputs, p: BenchmarkParams, q: QuantizeParams, ex
     frame_paths = calibration_frame_paths(inputs.calibration / q.calibration_set)[: p.frames]
     frames = [decode_image(f) for f in frame_paths]
     results: dict[str, dict[str, Any]] = {}
+    samples: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory(prefix="benchmark-") as tmp:
         work = Path(tmp)
         for imgsz in p.imgsz:
@@ -253,6 +255,7 @@ def benchmark(inputs: BenchmarkInputs, p: BenchmarkParams, q: QuantizeParams, ex
             detectors = {v: make_detector(m, imgsz, len(names), base.threads, p) for v, m in models.items()}
             timings = interleaved_detections(detectors, frames, p.warmup, p.runs, p.rounds)
             row: dict[str, Any] = {}
+            samples[str(imgsz)] = {v: [round(s * 1000.0, 4) for s in timings[v].total] for v in models}
             for v, model in models.items():
                 t = timings[v]
                 described = detectors[v].backend.describe()
@@ -291,6 +294,9 @@ def benchmark(inputs: BenchmarkInputs, p: BenchmarkParams, q: QuantizeParams, ex
                    "timed": "whole detection: device preprocess + ORT + postprocess (infer_ms: ORT only)"},
         "device": describe_device(probe_tensorrt=False),
         "results": results,
+        # Every timed detection in ms: the latency distribution (the report's CDF). main() writes
+        # it to its own CSV and keeps it out of results.json, which DVC shows as metrics.
+        "samples_ms": samples,
     }
 
 
@@ -306,6 +312,17 @@ def results_csv(doc: dict[str, Any]) -> str:
             w.writerow([imgsz, v, lat["p50"], lat["p95"], lat["p99"], lat["mean"], r["infer_ms"]["p50"], r["fps"],
                         r.get("speedup_p50_vs_fp32", ""), r["peak_rss_mb"], r["model_rss_mb"],
                         f"{r['size_bytes'] / 1e6:.3f}", r["threads"]])
+    return buf.getvalue()
+
+
+def samples_csv(samples: dict[str, dict[str, list[float]]]) -> str:
+    """reports/benchmark/latency_samples.csv: one row per timed detection (imgsz, variant, run, ms)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["imgsz", "variant", "run", "latency_ms"])
+    for imgsz, per_variant in samples.items():
+        for v, values in per_variant.items():
+            w.writerows([imgsz, v, i, ms] for i, ms in enumerate(values))
     return buf.getvalue()
 
 
@@ -333,6 +350,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--calibration", type=Path, default=paths.CALIBRATION_DIR)
     ap.add_argument("--results", type=Path, default=paths.BENCHMARK_RESULTS)
     ap.add_argument("--csv", type=Path, default=paths.BENCHMARK_CSV)
+    ap.add_argument("--samples", type=Path, default=paths.BENCHMARK_SAMPLES)
     ap.add_argument("--params", type=Path, default=paths.PARAMS_FILE)
     return ap.parse_args(argv)
 
@@ -348,6 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     tags = lineage_tags(weights=args.weights, onnx=args.model, int8=args.int8, dynamic=args.dynamic)
     with stage_run("benchmark", base, p, q, export, tags=tags):
         doc = benchmark(inputs, p, q, export, base)
+        atomic_write_text(args.samples, samples_csv(doc.pop("samples_ms")))
         atomic_write_json(args.results, doc)
         atomic_write_text(args.csv, results_csv(doc))
         log_metrics(mlflow_metrics(doc))

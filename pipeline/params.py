@@ -499,6 +499,19 @@ class BenchmarkParams:
 
 
 @dataclass(frozen=True)
+class ReportParams:
+    """Stage `report`: what the headline compares and how the plots are drawn."""
+
+    split: Literal["val", "camera"]  # evaluate split of the headline accuracy (both are in the tables)
+    cdf_points: int  # quantiles drawn per latency distribution (reports/report/latency_quantiles.csv)
+    fleet: bool  # fold the latest on-device benchmark of each host in reports/fleet/ into the report
+
+    def __post_init__(self) -> None:
+        _check(self.split in ("val", "camera"), "report.split must be val or camera")
+        _check(11 <= self.cdf_points <= 1001, "report.cdf_points must be in [11, 1001]")
+
+
+@dataclass(frozen=True)
 class MetricTolerance:
     """How far a metric may move between two runs: |a - b| <= max(abs_tol, rel_tol * max(|a|, |b|))."""
 

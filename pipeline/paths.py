@@ -50,3 +50,9 @@ EVALUATE_METRICS = Path("reports/evaluate/metrics.json")  # stage evaluate: per 
 EVALUATE_PER_CLASS = Path("reports/evaluate/per_class.csv")  # model, split, class, AP50, AP50-95
 BENCHMARK_RESULTS = Path("reports/benchmark/results.json")  # stage benchmark (host): per imgsz per variant
 BENCHMARK_CSV = Path("reports/benchmark/results.csv")
+BENCHMARK_SAMPLES = Path("reports/benchmark/latency_samples.csv")  # every timed detection (imgsz, variant, ms)
+
+FLEET_RESULTS_DIR = Path("reports/fleet")  # fab deploy/benchmark: <host>/<utc-stamp>.json (git keeps the README)
+REPORT_MARKDOWN = Path("reports/report.md")  # stage report: the page people read
+REPORT_PLOTS_DIR = Path("reports/plots")  # its PNG figures
+REPORT_TABLES_DIR = Path("reports/report")  # its dvc-plots CSVs + summary.json (DVC metrics)

@@ -102,9 +102,14 @@ def find_producer(client: Any, experiment_ids: Sequence[str], key: str, sha: str
     stage = stage or LINEAGE_PRODUCERS.get(key)
     if not stage or not sha:
         return None
-    runs = client.search_runs(list(experiment_ids), f"tags.stage = '{stage}' and tags.{key} = '{sha}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0] if runs else None
+    # quantize names the set it used `calibration_sha256`; calibrate names each set it made.
+    keys = ("calibration_camera_sha256", "calibration_train_sha256") if key == "calibration_sha256" else (key,)
+    for k in keys:
+        runs = client.search_runs(list(experiment_ids), f"tags.stage = '{stage}' and tags.{k} = '{sha}'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        if runs:
+            return runs[0]
+    return None
 
 
 def walk_lineage(run_id: str, client: Any | None = None) -> list[dict[str, Any]]:

@@ -26,6 +26,10 @@ def copy_repo(dest: Path) -> Path:
                                     "build", "dvc_plots", "cache", "tmp")  # cache/tmp: .dvc's, GBs locally
     shutil.copytree(REPO, dest, ignore=ignore)
     (dest / ".dvc" / "cache").mkdir(parents=True, exist_ok=True)
+    # Git keeps these folder READMEs; reports/fleet must exist (the report stage depends on it).
+    for readme in ("reports/README.md", "reports/fleet/README.md"):
+        (dest / readme).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(REPO / readme, dest / readme)
     return dest
 
 

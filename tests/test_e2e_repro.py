@@ -64,7 +64,12 @@ def test_outputs_and_metrics(repo: Path, first_repro: str) -> None:
                 "calibration/train/tensors.npy", "calibration/train/manifest.json", "reports/calibrate/metrics.json",
                 # issue 3: evaluation and host benchmark
                 "reports/evaluate/metrics.json", "reports/evaluate/per_class.csv",
-                "reports/benchmark/results.json", "reports/benchmark/results.csv"):
+                "reports/benchmark/results.json", "reports/benchmark/results.csv",
+                "reports/benchmark/latency_samples.csv",
+                # issue 6: the report stage
+                "reports/report.md", "reports/report/summary.json", "reports/report/latency_quantiles.csv",
+                "reports/plots/accuracy_vs_latency.png", "reports/plots/latency_cdf.png",
+                "reports/plots/per_class_ap.png", "reports/plots/thermal_timeline.png"):
         assert (repo / out).is_file(), out
     evaluate = json.loads((repo / "reports/evaluate/metrics.json").read_text())
     models = {"pytorch", "fp32", "int8", "dynamic", "int8_calib_train", "int8_calib_camera"}
@@ -103,7 +108,9 @@ def test_onnx_metadata(repo: Path, first_repro: str) -> None:
 def test_one_mlflow_run_per_stage(repo: Path, first_repro: str, env: dict[str, str]) -> None:
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
     exps = client.search_experiments()
-    runs = [r for e in exps for r in client.search_runs([e.experiment_id])]
+    # The report's summary run has nested runs (one per variant/device) for the compare view.
+    runs = [r for e in exps for r in client.search_runs([e.experiment_id])
+            if "mlflow.parentRunId" not in r.data.tags]
     stages = sorted(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
     assert sorted(r.data.tags.get("stage") for r in runs) == stages, \
         f"expected one run per stage, got {[(r.info.run_name, r.data.tags.get('stage')) for r in runs]}"
@@ -114,6 +121,32 @@ def test_one_mlflow_run_per_stage(repo: Path, first_repro: str, env: dict[str, s
     assert [a.path for a in client.list_artifacts(train.info.run_id, "weights")] == ["weights/yolov8n.pt"]
     export = next(r for r in runs if r.data.tags["stage"] == "export")
     assert export.data.tags["weights_sha256"] == train.data.tags["model_sha256"]
+
+
+def test_lineage_tags_consistent_across_stages(repo: Path, first_repro: str, env: dict[str, str]) -> None:
+    """Every stage run names what it consumed/produced by sha256, and the values agree across stages."""
+    from pipeline.tracking import walk_lineage
+
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = {r.data.tags["stage"]: r.data.tags for e in client.search_experiments()
+            for r in client.search_runs([e.experiment_id]) if "mlflow.parentRunId" not in r.data.tags}
+    for stage, tags in runs.items():
+        assert tags.get("git_commit") and len(tags.get("params_hash", "")) == 64, stage
+    same = {
+        "dataset_sha256": ("data", "train", "export", "camera", "calibrate", "quantize", "evaluate"),
+        "weights_sha256": ("train", "export", "quantize", "evaluate", "benchmark"),
+        "onnx_sha256": ("export", "quantize", "evaluate", "benchmark", "report"),
+        "int8_sha256": ("quantize", "evaluate", "benchmark", "report"),
+        "camera_frames_sha256": ("camera", "calibrate"),
+    }
+    for key, stages in same.items():
+        values = {s: runs[s].get(key) for s in stages}
+        assert len(set(values.values())) == 1 and None not in values.values(), (key, values)
+    assert runs["quantize"]["calibration_sha256"] == runs["calibrate"]["calibration_camera_sha256"]
+    assert runs["train"]["model_sha256"] == runs["train"]["weights_sha256"]
+    report = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.stage = 'report'")[0]
+    chain = [c["stage"] for c in walk_lineage(report.info.run_id, client)]
+    assert {"report", "quantize", "export", "train", "data", "calibrate", "camera"} <= set(chain), chain
 
 
 def test_status_clean_and_second_repro_is_noop(repo: Path, env: dict[str, str], first_repro: str) -> None:

@@ -47,3 +47,57 @@ def test_sanitize_metric_names() -> None:
     assert tracking.sanitize_metric_name("metrics/mAP50-95(B)") == "mAP50-95"
     assert tracking.sanitize_metric_name("train/box_loss") == "train_box_loss"
     assert tracking.sanitize_metric_name("a(b)c") == "a_b_c"
+
+
+def test_lineage_tags_files_folders_and_bad_names(tmp_path: Path) -> None:
+    from pipeline.dataset import dataset_fingerprint
+    from pipeline.device.fileio import sha256_file
+    from pipeline.tracking import lineage_tags
+
+    data = tmp_path / "defects"
+    (data / "labels").mkdir(parents=True)
+    (data / "labels" / "a.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    (data / "labels" / "train.cache").write_bytes(b"ultralytics litter")  # not part of the dataset
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"weights")
+    tags = lineage_tags(dataset=data, weights=weights, onnx=tmp_path / "missing.onnx", int8=None)
+    assert tags == {"dataset_sha256": dataset_fingerprint(data), "weights_sha256": sha256_file(weights)}
+    (data / "labels" / "train.cache").write_bytes(b"different litter")
+    assert lineage_tags(dataset=data)["dataset_sha256"] == tags["dataset_sha256"]
+    with pytest.raises(ValueError, match="unknown lineage artifact 'model'"):
+        lineage_tags(model=weights)
+
+
+def test_walk_lineage_from_quantize_back_to_data(tmp_path: Path) -> None:
+    """Stage runs linked only by their sha256 tags; the walk finds each producer, newest first."""
+    import mlflow
+
+    from pipeline.tracking import lineage_tags, set_tags, stage_run, tracking_uri, walk_lineage
+
+    files = {}
+    for name in ("weights", "onnx", "int8", "calib", "frames"):
+        files[name] = tmp_path / name
+        files[name].write_bytes(name.encode())
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "x.txt").write_text("x")
+    with stage_run("data") as _:
+        set_tags(lineage_tags(dataset=data))
+    with stage_run("data") as data_run:  # the newer producer of the same dataset wins
+        set_tags(lineage_tags(dataset=data))
+    with stage_run("camera") as camera_run:
+        set_tags(lineage_tags(camera_frames=files["frames"]))
+    with stage_run("calibrate", tags=lineage_tags(camera_frames=files["frames"])) as calib_run:
+        set_tags(lineage_tags(calibration_camera=files["calib"]))
+    with stage_run("train", tags=lineage_tags(dataset=data)) as train_run:
+        set_tags(lineage_tags(weights=files["weights"]))
+    with stage_run("export", tags=lineage_tags(weights=files["weights"])) as export_run:
+        set_tags(lineage_tags(onnx=files["onnx"]))
+    with stage_run("quantize", tags=lineage_tags(onnx=files["onnx"], calibration=files["calib"])) as q_run:
+        set_tags(lineage_tags(int8=files["int8"]))
+    chain = walk_lineage(q_run.info.run_id, mlflow.MlflowClient(tracking_uri()))
+    got = {c["stage"]: c["run_id"] for c in chain}
+    assert got == {"quantize": q_run.info.run_id, "export": export_run.info.run_id, "train": train_run.info.run_id,
+                   "data": data_run.info.run_id, "calibrate": calib_run.info.run_id,
+                   "camera": camera_run.info.run_id}
+    assert chain[0]["stage"] == "quantize" and all(c["git_commit"] and c["params_hash"] == "" for c in chain)
