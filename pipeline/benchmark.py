@@ -133,7 +133,7 @@ def model_imgsz(path: Path) -> int:
 def export_fp32(weights: Path, imgsz: int, export: ExportParams, work: Path) -> Path:
     """Export `weights` to a raw FP32 ONNX at `imgsz` with Ultralytics (same settings as stage export)."""
     from pipeline.onnx_graph import set_metadata
-    from pipeline.ultralytics_env import import_ultralytics
+    from pipeline.ultralytics_env import VOLATILE_ONNX_METADATA, import_ultralytics
 
     import onnx
 
@@ -144,6 +144,9 @@ def export_fp32(weights: Path, imgsz: int, export: ExportParams, work: Path) -> 
         format="onnx", imgsz=imgsz, opset=export.opset, simplify=export.simplify, dynamic=False, batch=1,
         half=False, device="cpu"))
     model = onnx.load(str(produced))
+    kept = [p for p in model.metadata_props if p.key not in VOLATILE_ONNX_METADATA]  # same weights, same bytes
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
     set_metadata(model, {"output_format": FORMAT_RAW, "source_weights_sha256": sha256_file(weights)})
     out = work / f"yolov8n-{imgsz}.onnx"
     onnx.save(model, str(out))

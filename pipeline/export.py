@@ -27,13 +27,11 @@ from pipeline.device.fileio import atomic_write_bytes, atomic_write_json, sha256
 from pipeline.device.preprocess import preprocess
 from pipeline.params import BaseParams, ExportParams, load_params
 from pipeline.tracking import lineage_tags, log_artifact, log_metrics, set_tags, stage_run
-from pipeline.ultralytics_env import import_ultralytics
+from pipeline.ultralytics_env import VOLATILE_ONNX_METADATA, import_ultralytics
 
 # Raw YOLOv8 head: (1, 4 + nc, anchors), boxes as cx, cy, w, h in input pixels, sigmoid scores.
 OUTPUT_FORMAT = "yolov8-raw"
 PREPROCESS_CONTRACT = "letterbox-center-pad114 bgr2rgb nchw float32 /255"
-# Keys Ultralytics stamps per run that would make identical exports differ byte-wise.
-_VOLATILE_METADATA = ("date",)
 
 
 class ParityError(RuntimeError):
@@ -56,7 +54,7 @@ def _finalize_onnx(onnx_path: Path, weights_sha: str) -> bytes:
     import onnx
 
     model = onnx.load(str(onnx_path))
-    props = {p.key: p.value for p in model.metadata_props if p.key not in _VOLATILE_METADATA}
+    props = {p.key: p.value for p in model.metadata_props if p.key not in VOLATILE_ONNX_METADATA}
     props.update(
         source_weights_sha256=weights_sha,
         output_format=OUTPUT_FORMAT,

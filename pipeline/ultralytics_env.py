@@ -17,6 +17,10 @@ from types import ModuleType
 _INTEGRATIONS_OFF = ("mlflow", "dvc", "wandb", "comet", "clearml", "tensorboard", "raytune", "hub", "sync")
 
 
+# Keys of Ultralytics' ONNX export metadata that change on every export (the export time): the
+# stages drop them so the same weights export to the same bytes (DVC hash, repro check).
+VOLATILE_ONNX_METADATA = ("date",)
+
 def import_ultralytics(workdir: Path) -> ModuleType:
     """Return the `ultralytics` module with settings, runs and weights dirs under `workdir`.
 
