@@ -238,9 +238,10 @@ def main(argv: list[str] | None = None) -> None:
                   "calibration_set": p.calibration_set})
         set_tags(lineage_tags(int8=args.int8, trt_onnx=args.trt, dynamic=args.dynamic))
         log_artifact(args.candidates)
-        # The models themselves: the model registry's versions point at these (fab deploy).
-        for model in (args.int8, args.trt, args.dynamic):
-            log_artifact(model, "models")
+        # The models themselves, one folder each: a model-registry version (fab deploy) points at
+        # a folder, and `mlflow artifacts download -u models:/edge-defect-detector@pis` fetches it.
+        for folder, model in (("int8", args.int8), ("int8_trt", args.trt), ("dynamic", args.dynamic)):
+            log_artifact(model, f"models/{folder}")
         print(f"quantize: chose {r.chosen.name} ({r.chosen.config}): {r.chosen.speedup:.2f}x FP32, "
               f"mAP50-95 drop {r.chosen.drop:+.4f}, {r.chosen.size_bytes / r.fp32_size:.0%} of FP32 size", flush=True)
 

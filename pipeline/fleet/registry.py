@@ -68,6 +68,22 @@ def _ensure_registered_model(client: Any, name: str) -> None:
                                                          "aliases name what each device group runs.")
 
 
+def _artifact_folder_with(client: Any, run_id: str, file_name: str) -> str:
+    """The artifact folder of `run_id` that holds `file_name` (quantize: models/int8/...), or ''.
+
+    A version's source is a folder, not a file: `models:/NAME@alias` downloads a folder.
+    """
+    pending = [""]
+    while pending:
+        folder = pending.pop(0)
+        for entry in client.list_artifacts(run_id, folder or None):
+            if entry.is_dir and entry.path.count("/") < 2:
+                pending.append(entry.path)
+            elif Path(entry.path).name == file_name and folder:
+                return folder
+    return ""
+
+
 def _version_for(client: Any, name: str, sha: str, r: HostResult, deploy_run_id: str,
                  models_dir: Path) -> Any:
     """The registry version of this model sha256: the existing one, or a new one."""
@@ -78,18 +94,17 @@ def _version_for(client: Any, name: str, sha: str, r: HostResult, deploy_run_id:
     file_name = str(lineage.get("model_file", ""))
     producer = str(lineage.get("mlflow_run_id", ""))
     source, run_id = "", ""
-    if producer and file_name:
-        artifacts = {Path(a.path).name for a in client.list_artifacts(producer, "models")}
-        if file_name in artifacts:  # the producing stage logged this very file
-            source, run_id = f"{client.get_run(producer).info.artifact_uri}/models/{file_name}", producer
-    if not source:
+    folder = _artifact_folder_with(client, producer, file_name) if producer and file_name else ""
+    if folder:  # the producing stage logged this very file: the version links to that run
+        source, run_id = f"{client.get_run(producer).info.artifact_uri}/{folder}", producer
+    else:
         # No pipeline run logged it (a hand-copied model): keep the bytes with the deploy run.
         local = models_dir / file_name
         if not file_name or not local.is_file():
             raise FileNotFoundError(f"cannot register model sha256 {sha[:12]}: no pipeline run logged it and "
                                     f"{local} is missing; run `dvc repro` so quantize/export log their models")
         client.log_artifact(deploy_run_id, str(local), artifact_path=f"registry/{sha[:12]}")
-        source = f"{client.get_run(deploy_run_id).info.artifact_uri}/registry/{sha[:12]}/{file_name}"
+        source = f"{client.get_run(deploy_run_id).info.artifact_uri}/registry/{sha[:12]}"
         run_id = deploy_run_id
     tags = {"model_sha256": sha, "model_file": file_name, "model": str(lineage.get("model", "")),
             "runtime_code": r.runtime,

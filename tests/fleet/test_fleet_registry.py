@@ -57,7 +57,7 @@ def test_registry_versions_aliases_and_lineage(fleet_models: dict[str, Any], tmp
     # What the quantize stage does: tag its outputs' sha256 and log the model files.
     with stage_run("quantize", tags=lineage_tags(onnx=models / "yolov8n.onnx")) as producer:
         set_tags(lineage_tags(int8=int8))
-        log_artifact(int8, "models")
+        log_artifact(int8, "models/int8")
     client = MlflowClient(tracking_uri())
     name = REGISTERED_MODEL
     inv = _inventory(tmp_path)
@@ -68,7 +68,12 @@ def test_registry_versions_aliases_and_lineage(fleet_models: dict[str, Any], tmp
     v1 = client.get_model_version_by_alias(name, "line-a")
     assert str(v1.version) == "1" and v1.run_id == producer.info.run_id  # the registry links to the producer
     assert v1.tags["model_sha256"] == first.results[0].details["model_sha256"]
-    assert v1.source.endswith("/models/yolov8n.int8.onnx") and producer.info.run_id in v1.source
+    assert v1.source.endswith("/models/int8") and producer.info.run_id in v1.source
+    # What a group runs is one download away: models:/<name>@<group>.
+    import mlflow
+
+    got = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@line-a", dst_path=str(tmp_path / "dl")))
+    assert (got / "yolov8n.int8.onnx").read_bytes() == int8.read_bytes()
 
     # Same bytes to another group: same version, a second alias.
     second = _deploy(inv, fleet_models, tmp_path, group="line-b")
