@@ -81,8 +81,14 @@ def tiny_params(params: Mapping[str, Any]) -> dict[str, Any]:
     p["train"].update(imgsz=64, epochs=1, batch=8, nbs=8, workers=0, close_mosaic=0)
     p["export"].update(imgsz=64, parity_images=2)
     if "quantize" in p:
-        p["quantize"].update(eval_images=8, latency_warmup=1, latency_runs=2, latency_rounds=1,
-                             candidates=p["quantize"]["candidates"][:2], max_map_drop=0.5)
+        # Two candidates with different activation types (U8 vs S8: different kernels), timed over
+        # 3 rounds. Measured at 64 px on this 2-core AVX2 host: U8S8 1.1-1.8 ms vs S8S8 4.4-12.6 ms, so
+        # "the fastest" is the same run after run and the repro check holds quantize and evaluate bit-exact.
+        # The first two candidates (near-identical configs, 2 timed runs) swapped places in 1 of 2 checks.
+        cands = p["quantize"]["candidates"]
+        other = next((c for c in cands[1:] if c.get("activation") != cands[0].get("activation")), None)
+        p["quantize"].update(eval_images=8, latency_warmup=2, latency_runs=5, latency_rounds=3,
+                             candidates=[cands[0], other] if other else cands[:2], max_map_drop=0.5)
     if "camera" in p:  # deployment-camera frames and calibration sets
         p["camera"]["synthetic"].update(scenes_per_camera=4, burst_length=3, labelled_images=6)
     if "calibrate" in p:
