@@ -92,12 +92,18 @@ def test_data_stage_logs_run_to_tracking_server(mlflow_server: MlflowServer, tmp
 def test_stage_artifact_lands_in_server_artifact_root(mlflow_server: MlflowServer, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """`tracking.log_artifact` (what train/export/quantize call) uploads through the server."""
+    per_test_store = os.environ["MLFLOW_TRACKING_URI"]  # isolated_env's SQLite store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "server-artifacts")
     model = tmp_path / "tiny.onnx"
     model.write_bytes(os.urandom(4096))
-    with tracking.stage_run("export", load_params("base", BaseParams)) as run:
-        tracking.log_artifact(model, "model")
+    try:
+        with tracking.stage_run("export", load_params("base", BaseParams)) as run:
+            tracking.log_artifact(model, "model")
+    finally:
+        # mlflow keeps the URI stage_run set in a process global: leave no server there that
+        # stops at the end of the session.
+        mlflow.set_tracking_uri(per_test_store)
     run_id = run.info.run_id
 
     landed = sorted(mlflow_server.artifact_root.rglob("tiny.onnx"))
