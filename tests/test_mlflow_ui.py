@@ -12,6 +12,7 @@ Chromium and chromedriver come from Debian (`scripts/bootstrap.sh --with-browser
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -54,9 +55,7 @@ def _skip_or_fail(reason: str) -> NoReturn:
 
 def _find_browser() -> tuple[str, str]:
     """Paths of the system Chromium and its matching chromedriver (skip/fail if absent)."""
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("selenium") is None:
         _skip_or_fail("the selenium package is not installed (pip install -e '.[test]')")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
