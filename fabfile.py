@@ -20,6 +20,7 @@ from pipeline.fleet import runner
 from pipeline.fleet.artifacts import ArtifactError
 from pipeline.fleet.inventory import InventoryError, load_inventory
 from pipeline.fleet.results import format_table
+from pipeline.tracking import TrackingServerUnreachable
 
 
 def _inventory(path: str | None):
@@ -30,7 +31,7 @@ def _call(fn, *args, **kwargs) -> runner.FleetRun:
     # Bad input (inventory, group, model files) is one clear line and exit 2, not a traceback.
     try:
         return fn(*args, **kwargs)
-    except (InventoryError, ArtifactError, ValueError) as e:
+    except (InventoryError, ArtifactError, ValueError, TrackingServerUnreachable) as e:
         raise Exit(f"error: {e}", code=2) from e
 
 

@@ -78,6 +78,7 @@ def test_data_stage_logs_run_to_tracking_server(mlflow_server: MlflowServer, tmp
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", tags["git_commit"]), tags["git_commit"]
     assert tags["pipeline_run"] == "server-test-pipeline"
     assert tags["data_source"] == "synthetic"
+    assert len(tags["dataset_sha256"]) == 64  # lineage: the dataset it produced
 
     synthetic = params["data"]["synthetic"]
     assert run.data.params["base.seed"] == str(params["base"]["seed"])

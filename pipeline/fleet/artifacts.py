@@ -180,8 +180,9 @@ def source_lineage(model_sha256: str) -> dict[str, str]:
     """
     import mlflow  # lazy: costs seconds to import, needed once per deploy
 
-    from pipeline.tracking import LINEAGE_CARRIED, experiment_name, tracking_uri
+    from pipeline.tracking import LINEAGE_CARRIED, check_server_reachable, experiment_name, tracking_uri
 
+    check_server_reachable(tracking_uri())  # a down server: a clear error now, not minutes of retries
     client = mlflow.MlflowClient(tracking_uri())
     exp = client.get_experiment_by_name(experiment_name())
     if exp is None:
