@@ -9,7 +9,8 @@ Modules:
   connection  SSH connections with strict host-key checking; a local connection for `local` hosts
   remote      the stdlib helper run on the device (`python -c`), and the device CLI invocation
   artifacts   resolve the files each host gets and build its release manifest
-  steps       one function per deploy step; each checks state before acting (safe to re-run)
+  steps       one function per deploy step; each checks state before acting (safe to re-run);
+              `activate` runs verify, engine, health, switch and bench in one SSH command
   runner      run steps on many hosts in parallel, collect per-host results, print the table
   mlflow_log  one MLflow run per fleet command, one nested run per device
 """
