@@ -223,12 +223,15 @@ def decoder(session: Any, num_classes: int, conf: float, iou: float, max_det: in
     return lambda out: postprocess(out, spec, conf, iou, max_det)
 
 
-def evaluate_session(session: Any, items: Sequence[Labelled], class_names: Sequence[str]) -> tuple[Accuracy, float]:
-    """Accuracy of an ORT session on `items`, and the mean wall ms per image (pre+infer+post)."""
+# Per image: (correct[n_det, 10 IoU thresholds], scores[n_det], classes[n_det], target classes[n_gt]).
+ImageStats = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def image_stats(session: Any, items: Sequence[Labelled], class_names: Sequence[str]) -> tuple[list[ImageStats], float]:
+    """Run an ORT session on `items`: per-image match statistics, and the mean wall ms per image."""
     spec = head_spec(session, len(class_names))
     input_name = session.get_inputs()[0].name
-    stats: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    target_cls: list[np.ndarray] = []
+    stats: list[ImageStats] = []
     start = time.perf_counter()
     for item in items:
         tensor, lb = preprocess(item.image, spec.imgsz)
@@ -240,12 +243,42 @@ def evaluate_session(session: Any, items: Sequence[Labelled], class_names: Seque
             correct = match_predictions(det.classes, item.classes, box_iou(item.boxes, det.boxes.astype(np.float64)))
         else:
             correct = np.zeros((len(det), IOU_THRESHOLDS.shape[0]), bool)
-        stats.append((correct, det.scores, det.classes))
-        target_cls.append(item.classes)
-    ms = (time.perf_counter() - start) * 1000 / max(len(items), 1)
+        stats.append((correct, det.scores, det.classes, item.classes))
+    return stats, (time.perf_counter() - start) * 1000 / max(len(items), 1)
+
+
+def accuracy_from_stats(stats: Sequence[ImageStats], class_names: Sequence[str]) -> Accuracy:
+    """The P/R/mAP summary over the images whose statistics are given (any subset or resample)."""
     tp = np.concatenate([s[0] for s in stats]) if stats else np.zeros((0, 10), bool)
     conf = np.concatenate([s[1] for s in stats]) if stats else np.zeros(0)
     pred_cls = np.concatenate([s[2] for s in stats]) if stats else np.zeros(0, np.int64)
-    acc = accuracy_from_matches(tp.astype(np.float64), conf, pred_cls, np.concatenate(target_cls), class_names)
-    acc.images = len(items)
-    return acc, ms
+    target = np.concatenate([s[3] for s in stats]) if stats else np.zeros(0, np.int64)
+    acc = accuracy_from_matches(tp.astype(np.float64), conf, pred_cls, target, class_names)
+    acc.images = len(stats)
+    return acc
+
+
+def evaluate_session(session: Any, items: Sequence[Labelled], class_names: Sequence[str]) -> tuple[Accuracy, float]:
+    """Accuracy of an ORT session on `items`, and the mean wall ms per image (pre+infer+post)."""
+    stats, ms = image_stats(session, items, class_names)
+    return accuracy_from_stats(stats, class_names), ms
+
+
+def paired_bootstrap_map(a: Sequence[ImageStats], b: Sequence[ImageStats], class_names: Sequence[str],
+                         resamples: int, seed: int) -> dict[str, float]:
+    """mAP50-95(a) - mAP50-95(b) on the same images, with a 95% paired-bootstrap interval.
+
+    Both models are scored on the SAME resampled image sets, so image difficulty cancels: an
+    interval that contains 0 means the two are not distinguishable on this many images.
+    """
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired bootstrap needs the same non-empty image list for both models ({len(a)} vs {len(b)})")
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(resamples):
+        idx = rng.integers(0, len(a), len(a))
+        diffs.append(accuracy_from_stats([a[i] for i in idx], class_names).map50_95
+                     - accuracy_from_stats([b[i] for i in idx], class_names).map50_95)
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    full = accuracy_from_stats(a, class_names).map50_95 - accuracy_from_stats(b, class_names).map50_95
+    return {"diff": float(full), "ci_low": float(lo), "ci_high": float(hi), "images": len(a), "resamples": resamples}

@@ -260,3 +260,25 @@ def test_agrees_with_ultralytics_val_repo_model(tmp_path: Path) -> None:
     ours, theirs = _agreement(model, dataset, "val", None, tmp_path)
     assert theirs.map50_95 > 0.1, "the repo model should be trained; agreement on a zero-mAP model proves little"
     _assert_agree(ours, theirs)
+
+
+def test_paired_bootstrap_map_interval() -> None:
+    """Identical models differ by exactly 0; a model that misses half the objects is clearly worse."""
+    import numpy as np
+
+    from pipeline.evaluation import paired_bootstrap_map
+
+    rng = np.random.default_rng(1)
+    good, worse = [], []
+    for i in range(40):
+        cls = np.array([i % 2])
+        hit = np.ones((1, 10), bool)
+        good.append((hit, np.array([0.9]), cls, cls))
+        miss = np.zeros((1, 10), bool) if i % 2 == 0 else hit  # class 0 always missed
+        worse.append((miss, np.array([0.5 + 0.4 * rng.random()]), cls, cls))
+    same = paired_bootstrap_map(good, good, ["a", "b"], resamples=50, seed=0)
+    assert same["diff"] == same["ci_low"] == same["ci_high"] == 0.0 and same["images"] == 40
+    diff = paired_bootstrap_map(good, worse, ["a", "b"], resamples=50, seed=0)
+    assert diff["diff"] == pytest.approx(0.5, abs=0.01) and diff["ci_low"] > 0.3
+    with pytest.raises(ValueError, match="same non-empty image list"):
+        paired_bootstrap_map(good, worse[:10], ["a", "b"], resamples=5, seed=0)
