@@ -71,10 +71,12 @@ def rollback(c, group=None, host=None, inventory=None):
     _finish(_call(lambda: runner.rollback(_inventory(inventory), group, host)))
 
 
-@task(help={"group": "inventory group", "host": "one host", "inventory": "inventory file"})
-def benchmark(c, group=None, host=None, inventory=None):
+@task(help={"group": "inventory group", "host": "one host", "inventory": "inventory file",
+            "soak_minutes": "run continuously this long and report per-window latency/temperature (thermal timeline)"})
+def benchmark(c, group=None, host=None, inventory=None, soak_minutes=None):
     """Benchmark the current release on each device; results to reports/fleet/<host>/ and MLflow."""
-    _finish(_call(lambda: runner.benchmark(_inventory(inventory), group, host)))
+    soak = float(soak_minutes) if soak_minutes is not None else None
+    _finish(_call(lambda: runner.benchmark(_inventory(inventory), group, host, soak_minutes=soak)))
 
 
 @task(name="collect-frames", help={"group": "inventory group", "host": "one host",

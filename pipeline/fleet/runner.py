@@ -174,16 +174,23 @@ def _fetch_bench(conn: Any, h: Host, r: HostResult, remote: str, results_dir: Pa
 
 
 def _bench_and_fetch(conn: Any, h: Host, r: HostResult, deploy_dir: str, runtime: str, release: str,
-                     stamp: str, results_dir: Path) -> None:
+                     stamp: str, results_dir: Path, soak_minutes: float | None = None) -> None:
     with r.step("bench"):
-        remote = steps.run_benchmark(conn, h, deploy_dir, runtime, release, stamp)
+        remote = steps.run_benchmark(conn, h, deploy_dir, runtime, release, stamp, soak_minutes)
     with r.step("fetch"):
         _fetch_bench(conn, h, r, remote, results_dir)
 
 
 def benchmark(inventory: Inventory, group: str | None = None, host: str | None = None,
-              results_dir: Path | None = None, log_to_mlflow: bool = True) -> FleetRun:
-    """Benchmark the current release on each selected host and bring the JSON back."""
+              results_dir: Path | None = None, log_to_mlflow: bool = True,
+              soak_minutes: float | None = None) -> FleetRun:
+    """Benchmark the current release on each selected host and bring the JSON back.
+
+    With `soak_minutes`, each device runs continuously for that long and reports equal time
+    windows (p50/p95/FPS/max temperature, p50 drift): the report's thermal timeline.
+    """
+    if soak_minutes is not None and soak_minutes <= 0:
+        raise ValueError(f"--soak-minutes must be > 0 (got {soak_minutes})")
     start = time.perf_counter()
     hosts = [resolve_local_host(h, inventory) for h in inventory.select(group, host)]
     results_dir = results_dir or paths.repo_root() / "reports" / "fleet"
@@ -204,11 +211,12 @@ def benchmark(inventory: Inventory, group: str | None = None, host: str | None =
         if h.runtime == "tensorrt":
             with r.step("engine"):  # reuses the cached engine; rebuilds only if the key changed
                 r.engine = steps.build_engine(conn, h, st["deploy_dir"], r.runtime, r.release)
-        _bench_and_fetch(conn, h, r, st["deploy_dir"], r.runtime, r.release, stamp, results_dir)
+        _bench_and_fetch(conn, h, r, st["deploy_dir"], r.runtime, r.release, stamp, results_dir, soak_minutes)
         r.outcome = "ok"
 
     results = run_on_hosts(hosts, inventory, work)
-    run = FleetRun("benchmark", results, time.perf_counter() - start, {"group": group or "", "host": host or ""})
+    run = FleetRun("benchmark", results, time.perf_counter() - start,
+                   {"group": group or "", "host": host or "", "soak_minutes": soak_minutes or ""})
     if log_to_mlflow:
         from pipeline.fleet.mlflow_log import log_fleet_run
 

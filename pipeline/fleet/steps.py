@@ -131,9 +131,12 @@ def switch_release(conn: Any, host: Host, deploy_dir: str, release: str) -> dict
     return run_helper(conn, host, "switch", {"deploy_dir": deploy_dir, "release": release})
 
 
-def _bench_args(host: Host, deploy_dir: str, release: str, remote_out: str) -> list[str]:
+def _bench_args(host: Host, deploy_dir: str, release: str, remote_out: str,
+                soak_minutes: float | None = None) -> list[str]:
+    # A soak replaces the fixed window: the device reports per-window p50/p95/FPS/temperature.
+    window = ["--soak-minutes", str(soak_minutes)] if soak_minutes else ["--iterations", str(host.bench_iterations)]
     return ["--release", posixpath.join(deploy_dir, "releases", release), *_engines_args(host, deploy_dir),
-            "--out", remote_out, "--warmup", str(host.bench_warmup), "--iterations", str(host.bench_iterations)]
+            "--out", remote_out, "--warmup", str(host.bench_warmup), *window]
 
 
 def check_bench(res: Any) -> None:
@@ -142,11 +145,13 @@ def check_bench(res: Any) -> None:
         raise StepError(f"benchmark failed (exit {res.exited}): {last_error_line(res)}")
 
 
-def run_benchmark(conn: Any, host: Host, deploy_dir: str, runtime: str, release: str, stamp: str) -> str:
-    """Run the on-device benchmark; return the path of its JSON results on the device."""
+def run_benchmark(conn: Any, host: Host, deploy_dir: str, runtime: str, release: str, stamp: str,
+                  soak_minutes: float | None = None) -> str:
+    """Run the on-device benchmark (a soak of `soak_minutes` if given); return its JSON path on the device."""
     remote_out = posixpath.join(deploy_dir, "results", f"{stamp}.json")
     res = run_device(conn, host, posixpath.join(deploy_dir, "runtime", runtime), "bench",
-                     _bench_args(host, deploy_dir, release, remote_out), timeout=BENCH_TIMEOUT_S)
+                     _bench_args(host, deploy_dir, release, remote_out, soak_minutes),
+                     timeout=BENCH_TIMEOUT_S + 60.0 * (soak_minutes or 0.0))
     check_bench(res)
     return remote_out
 

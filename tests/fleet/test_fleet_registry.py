@@ -132,3 +132,21 @@ def test_group_aliases_mixed_runtimes() -> None:
                                                                        "g-tensorrt-fp16": "b"}
     results[1].error, results[1].outcome = "health failed", "failed"
     assert group_aliases(results, hosts, "g") == ({}, "not moved: 1 host(s) of 'g' did not go live (j)")
+
+
+def test_soak_benchmark_feeds_the_report_thermal_timeline(fleet_models: dict[str, Any], tmp_path: Path) -> None:
+    """`fab benchmark --soak-minutes`: the device reports time windows; the report draws them."""
+    from pipeline.report import device_rows, latest_device_results, thermal_rows
+
+    inv = _inventory(tmp_path)
+    assert all(r.ok for r in _deploy(inv, fleet_models, tmp_path, group="line-b").results)
+    with pytest.raises(ValueError, match="--soak-minutes must be > 0"):
+        runner.benchmark(load_inventory(inv), group="line-b", soak_minutes=0)
+    run = runner.benchmark(load_inventory(inv), group="line-b", results_dir=tmp_path / "reports",
+                           soak_minutes=0.05)  # 3 s: ten 0.3 s windows
+    (r,) = run.results
+    assert r.ok, r.error
+    windows = r.bench["soak"]["windows"]
+    assert len(windows) == 10 and all(w["iterations"] > 0 and w["p50_ms"] > 0 for w in windows)
+    rows = thermal_rows(device_rows(latest_device_results(tmp_path / "reports"), {}))
+    assert [t["host"] for t in rows] == ["b1"] * 10 and rows[-1]["t_end_s"] == pytest.approx(3.0, abs=0.2)
