@@ -2,8 +2,10 @@
 
 For the default imgsz (export.imgsz) and 640: latency of each model measured interleaved
 (models take turns in every round; median of per-round medians, spread = max - min of the
-round medians), ratio vs FP32, mAP50-95 on the val split through the device pre/post
-processing, and file size. All INT8 variants calibrate on the same frames: the camera
+round medians), ratio vs FP32, mAP50-95 through the device pre/post processing on the val
+split and on val+test (twice the images), and file size. For "ours vs Ultralytics INT8" and
+"ours vs FP32" it also prints the mAP50-95 difference on val+test with a 95% paired-bootstrap
+interval: an interval that contains 0 means the two are not distinguishable on these images. All INT8 variants calibrate on the same frames: the camera
 calibration set's selected frames (calibration/camera/manifest.json).
 
 Run after `dvc repro` (it needs models/, calibration/ and data/):
@@ -32,7 +34,8 @@ from pipeline import paths  # noqa: E402
 from pipeline.device.fileio import atomic_write_text  # noqa: E402
 from pipeline.device.preprocess import preprocess  # noqa: E402
 from pipeline.calibration_io import calibration_frame_paths, rebuild_calibration_tensors  # noqa: E402
-from pipeline.evaluation import decoder, evaluate_session, load_split, onnx_session  # noqa: E402
+from pipeline.evaluation import (accuracy_from_stats, decoder, image_stats, load_split, onnx_session,  # noqa: E402
+                                 paired_bootstrap_map)
 from pipeline.int8 import build_candidate, build_dynamic, interleaved_latency  # noqa: E402
 from pipeline.params import BaseParams, ExportParams, QuantizeParams, load_params  # noqa: E402
 from pipeline.ultralytics_env import import_ultralytics  # noqa: E402
@@ -64,8 +67,10 @@ def export_ultralytics_int8(weights: Path, imgsz: int, opset: int, frames: list[
                                         fraction=1.0))
 
 
-def run(imgsizes: list[int], rounds: int, runs: int, eval_images: int) -> list[dict[str, Any]]:
-    """Build every variant at every size, then measure; returns one row per (imgsz, model)."""
+def run(imgsizes: list[int], rounds: int, runs: int, eval_images: int, resamples: int
+        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Build every variant at every size, then measure; returns one row per (imgsz, model) and the
+    paired-bootstrap comparisons."""
     import onnx
 
     base = load_params("base", BaseParams)
@@ -77,8 +82,9 @@ def run(imgsizes: list[int], rounds: int, runs: int, eval_images: int) -> list[d
     frames = calibration_frame_paths(calib_dir)  # sha256-checked against the manifest
     dataset_names = yaml.safe_load((REPO / paths.DATASET_YAML).read_text())["names"]
     names = [dataset_names[i] for i in sorted(dataset_names)]
-    items = load_split(REPO / paths.DATASET_DIR, "val", len(names), eval_images)
-    rows = []
+    val = load_split(REPO / paths.DATASET_DIR, "val", len(names), eval_images)
+    items = val + load_split(REPO / paths.DATASET_DIR, "test", len(names), eval_images)
+    rows, comparisons = [], []
     with tempfile.TemporaryDirectory(prefix="bench-quant-") as tmp:
         work = Path(tmp)
         for imgsz in imgsizes:
@@ -104,7 +110,13 @@ def run(imgsizes: list[int], rounds: int, runs: int, eval_images: int) -> list[d
             models = {"FP32": fp32, f"ours INT8 ({chosen.name})": ours, "Ultralytics INT8": ultra,
                       "ORT dynamic": dynamic}
             sessions = {k: onnx_session(v, base.threads) for k, v in models.items()}
-            accs = {k: evaluate_session(s, items, names)[0] for k, s in sessions.items()}
+            stats = {k: image_stats(s, items, names)[0] for k, s in sessions.items()}  # val first, then test
+            accs = {k: accuracy_from_stats(st[: len(val)], names) for k, st in stats.items()}
+            accs_all = {k: accuracy_from_stats(st, names) for k, st in stats.items()}
+            ours_key = f"ours INT8 ({chosen.name})"
+            for other in ("Ultralytics INT8", "FP32"):
+                cmp = paired_bootstrap_map(stats[ours_key], stats[other], names, resamples, base.seed)
+                comparisons.append({"imgsz": imgsz, "a": "ours INT8", "b": other, **cmp})
             inputs = [preprocess(it.image, imgsz)[0] for it in items[:8]]
             # Inference + the device's decode/NMS: a head-cut model pays for its decode there.
             decode = {k: decoder(s, len(names), quant_p.latency_conf, quant_p.latency_iou, quant_p.latency_max_det)
@@ -116,21 +128,32 @@ def run(imgsizes: list[int], rounds: int, runs: int, eval_images: int) -> list[d
                 rows.append({"imgsz": imgsz, "model": k, "latency_ms": ms, "spread_ms": spread,
                              "speedup": fp32_ms / ms, "map50_95": accs[k].map50_95,
                              "drop": accs["FP32"].map50_95 - accs[k].map50_95,
+                             "map50_95_all": accs_all[k].map50_95,
+                             "drop_all": accs_all["FP32"].map50_95 - accs_all[k].map50_95,
                              "size_mb": models[k].stat().st_size / 1e6})
                 print(f"  {imgsz:>4} {k:<40} {ms:7.2f} ms  {fp32_ms / ms:4.2f}x  mAP50-95 {accs[k].map50_95:.4f}",
                       flush=True)
-    return rows
+    return rows, comparisons
 
 
-def table(rows: list[dict[str, Any]], threads: int) -> str:
-    """The result as a markdown table."""
-    lines = ["| imgsz | model | latency ms (median, spread) | vs FP32 | mAP50-95 | drop | size MB |",
-             "|---|---|---|---|---|---|---|"]
+def table(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]], threads: int) -> str:
+    """The result as markdown: the variants table, then the paired-bootstrap comparisons."""
+    images = comparisons[0]["images"] if comparisons else 0
+    lines = ["| imgsz | model | latency ms (median, spread) | vs FP32 | mAP50-95 val | drop val | "
+             f"mAP50-95 val+test ({images} img) | drop val+test | size MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['imgsz']} | {r['model']} | {r['latency_ms']:.2f} (±{r['spread_ms'] / 2:.2f}) | "
-                     f"{r['speedup']:.2f}x | {r['map50_95']:.4f} | {r['drop']:+.4f} | {r['size_mb']:.2f} |")
-    lines.append(f"\nONNX Runtime CPU, {threads} threads, batch 1; latency = inference + decode/NMS; mAP on the val split "
-                 "through the device pre/post processing (Ultralytics-compatible).")
+                     f"{r['speedup']:.2f}x | {r['map50_95']:.4f} | {r['drop']:+.4f} | {r['map50_95_all']:.4f} | "
+                     f"{r['drop_all']:+.4f} | {r['size_mb']:.2f} |")
+    lines += ["", "| imgsz | mAP50-95 difference on val+test | value | 95% paired-bootstrap interval | resamples |",
+              "|---|---|---|---|---|"]
+    for c in comparisons:
+        lines.append(f"| {c['imgsz']} | {c['a']} − {c['b']} | {c['diff']:+.4f} | "
+                     f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] | {c['resamples']} |")
+    lines.append(f"\nONNX Runtime CPU, {threads} threads, batch 1; latency = inference + decode/NMS; mAP through the "
+                 "device pre/post processing (Ultralytics-compatible). An interval containing 0: not distinguishable "
+                 "on these images.")
     return "\n".join(lines) + "\n"
 
 
@@ -140,7 +163,8 @@ def main() -> None:
     ap.add_argument("--imgsz", type=int, nargs="+", default=None, help="default: export.imgsz and 640")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--runs", type=int, default=20)
-    ap.add_argument("--eval-images", type=int, default=150)
+    ap.add_argument("--eval-images", type=int, default=0, help="per split (val, test); 0 = all")
+    ap.add_argument("--resamples", type=int, default=300, help="paired-bootstrap resamples")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     os.chdir(REPO)
@@ -148,8 +172,8 @@ def main() -> None:
         if not (REPO / need).is_file():
             sys.exit(f"{need} is missing: run `dvc repro` first")
     sizes = args.imgsz or [load_params("export", ExportParams).imgsz, 640]
-    rows = run(sizes, args.rounds, args.runs, args.eval_images)
-    text = table(rows, load_params("base", BaseParams).threads)
+    rows, comparisons = run(sizes, args.rounds, args.runs, args.eval_images or None, args.resamples)
+    text = table(rows, comparisons, load_params("base", BaseParams).threads)
     print("\n" + text)
     if args.out:
         atomic_write_text(args.out, text)
