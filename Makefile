@@ -4,14 +4,19 @@ SHELL := /bin/bash
 export YOLO_OFFLINE := 1
 VENV := .venv/bin
 
-.PHONY: run test test-fast bootstrap repro deploy-local repro-check
+.PHONY: run test test-fast bootstrap repro deploy-local report repro-check
 
 bootstrap:
 	scripts/bootstrap.sh
 
-## Main job on the embedded defaults: synthetic data -> ... -> INT8 (dvc repro), then a deploy to the
-## `local` device group (this machine, no SSH) with an on-device benchmark; everything in ./mlflow.db.
-run: bootstrap repro deploy-local
+## Main job on the embedded defaults: synthetic data -> ... -> INT8 -> report (dvc repro), then a deploy
+## to the `local` device group (this machine, no SSH) with an on-device benchmark, whose result the
+## report then folds in (`dvc repro` re-runs only `report`); everything in ./mlflow.db.
+run: bootstrap repro deploy-local report
+
+report:
+	source $(VENV)/activate && dvc repro report
+	@echo "Report: reports/report.md (plots in reports/plots/); MLflow: mlflow ui --backend-store-uri sqlite:///mlflow.db"
 
 repro:
 	source $(VENV)/activate && dvc repro
@@ -25,9 +30,9 @@ test:
 	scripts/bootstrap.sh --with-sshd --with-browser
 	source $(VENV)/activate && python -m pytest
 
-## Unit tests only (seconds).
+## Unit tests only (no training, no sshd, no MLflow server or browser).
 test-fast: bootstrap
-	source $(VENV)/activate && python -m pytest -m "not slow and not ssh and not gpu"
+	source $(VENV)/activate && python -m pytest -m "not slow and not ssh and not gpu and not server"
 
 ## Reproducibility check: `dvc repro` twice from clean on tiny params in two temp workspaces (the
 ## working tree, uncommitted edits included), dvc.lock hashes and metrics compared by the rules in
