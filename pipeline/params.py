@@ -420,6 +420,7 @@ class QuantizeParams:
     latency_conf: float  # the timed decode (postprocess) uses the device's thresholds: confidence,
     latency_iou: float  # NMS IoU
     latency_max_det: int  # and detections kept
+    latency_tie: float  # candidates within this fraction of the fastest's latency tie; the most accurate wins
     candidates: tuple[QuantizeCandidate, ...]
     trt: QuantizeCandidate  # the symmetric QDQ model for TensorRT explicit quantization
 
@@ -432,6 +433,7 @@ class QuantizeParams:
         _check(0.0 < self.latency_conf < 1.0 and 0.0 < self.latency_iou <= 1.0 and self.latency_max_det >= 1,
                "quantize latency_conf must be in (0, 1), latency_iou in (0, 1], latency_max_det >= 1")
         _check(len(self.candidates) >= 1, "quantize.candidates must list at least one configuration")
+        _check(0.0 <= self.latency_tie < 1.0, "quantize.latency_tie must be in [0, 1) (0.05 = within 5% of the fastest)")
         names = [c.name for c in self.candidates]
         _check(len(set(names)) == len(names), "quantize.candidates names must be unique")
         _check(self.trt.format == "QDQ" and self.trt.activation == "S8" and self.trt.weight == "S8"

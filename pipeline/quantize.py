@@ -129,7 +129,7 @@ def quantize(model_path: Path, calib_dir: Path, dataset_dir: Path, outs: dict[st
                 fp32_ms / ms, len(built[c.name]), drop <= p.max_map_drop, built[c.name]))
         table = candidates_csv(rows, fp32_acc.map50_95, fp32_ms, model_path.stat().st_size)
         atomic_write_text(outs["candidates"], table)
-        chosen = accuracy_gate(rows, p.max_map_drop, fp32_acc.map50_95, table)
+        chosen = accuracy_gate(rows, p.max_map_drop, fp32_acc.map50_95, table, p.latency_tie)
         chosen_model = onnx.load_from_string(chosen.model)
         set_metadata(chosen_model, {"fp32_sha256": sha256_file(model_path),
                                     "calibration_set": calib_dir.name})
@@ -142,8 +142,14 @@ def quantize(model_path: Path, calib_dir: Path, dataset_dir: Path, outs: dict[st
     return QuantizeResult(fp32_acc.map50_95, fp32_ms, model_path.stat().st_size, rows, chosen, len(trt), len(dyn))
 
 
-def accuracy_gate(rows: Sequence[CandidateResult], max_map_drop: float, fp32_map: float, table: str) -> CandidateResult:
-    """The fastest candidate whose mAP50-95 drop is within `max_map_drop`; else AccuracyGateError with the table."""
+def accuracy_gate(rows: Sequence[CandidateResult], max_map_drop: float, fp32_map: float, table: str,
+                  latency_tie: float = 0.0) -> CandidateResult:
+    """The fastest candidate whose mAP50-95 drop is within `max_map_drop`; else AccuracyGateError with the table.
+
+    Candidates within `latency_tie` (a fraction) of the fastest passing one count as equally fast
+    (latency on a shared CPU moves by a few percent run to run) and the most accurate of them wins:
+    otherwise the pick between near-twins would be decided by noise.
+    """
     passed = [r for r in rows if r.drop <= max_map_drop]
     if not passed:
         drops = ", ".join(f"{r.name} {r.drop:+.4f}" for r in rows)
@@ -152,7 +158,9 @@ def accuracy_gate(rows: Sequence[CandidateResult], max_map_drop: float, fp32_map
             f"drops: {drops}\n{table}Relax max_map_drop, add candidates (Percentile calibration, more float_layers, "
             "fewer op_types) or use a larger calibration set in params.yaml"
         )
-    return min(passed, key=lambda r: r.latency_ms)
+    fastest = min(r.latency_ms for r in passed)
+    tied = [r for r in passed if r.latency_ms <= fastest * (1.0 + latency_tie)]
+    return max(tied, key=lambda r: (r.map50_95, -r.latency_ms))
 
 
 def _class_names(meta: dict[str, str], model_path: Path) -> list[str]:

@@ -77,6 +77,11 @@ def test_gate_fails_with_every_drop() -> None:
     assert "TABLE" in str(e.value)
     assert accuracy_gate(rows, 0.015, 0.412, "").name == "a"  # b is faster but fails
     assert accuracy_gate(rows, 0.05, 0.412, "").name == "b"  # both pass: the fastest wins
+    # Within the latency tie (10%: 8.0 vs 8.6 ms) the more accurate wins; outside it, the fastest.
+    rows.append(CandidateResult("c", "cfg c", 0.405, 0.6, 0.007, 8.6, 1.0, 2.3, 100, False))
+    assert accuracy_gate(rows, 0.05, 0.412, "", latency_tie=0.10).name == "c"
+    assert accuracy_gate(rows, 0.05, 0.412, "", latency_tie=0.05).name == "b"
+    assert accuracy_gate(rows, 0.05, 0.412, "").name == "b"
 
 
 def test_missing_and_corrupt_model(tmp_path: Path, tiny_model: dict[str, Path]) -> None:
