@@ -37,7 +37,7 @@ from pipeline.calibration_io import calibration_frame_paths, rebuild_calibration
 from pipeline.evaluation import (accuracy_from_stats, decoder, image_stats, load_split, onnx_session,  # noqa: E402
                                  paired_bootstrap_map)
 from pipeline.int8 import build_candidate, build_dynamic, interleaved_latency  # noqa: E402
-from pipeline.params import BaseParams, ExportParams, QuantizeParams, load_params  # noqa: E402
+from pipeline.params import BaseParams, ExportParams, QuantizeCandidate, QuantizeParams, load_params  # noqa: E402
 from pipeline.ultralytics_env import import_ultralytics  # noqa: E402
 
 
@@ -67,17 +67,44 @@ def export_ultralytics_int8(weights: Path, imgsz: int, opset: int, frames: list[
                                         fraction=1.0))
 
 
+def chosen_candidate() -> QuantizeCandidate:
+    """The candidate the quantize stage picked (reports/quantize/metrics.json), from params."""
+    quant_p = load_params("quantize", QuantizeParams)
+    chosen_name = json.loads((REPO / paths.QUANTIZE_METRICS).read_text())["chosen"]
+    return next(c for c in quant_p.candidates if c.name == chosen_name)
+
+
+def pipeline_models(imgsz: int, work: Path) -> tuple[Path, Path, Path]:
+    """FP32, our INT8 and the dynamic baseline at `imgsz`: the stage outputs at export.imgsz,
+    else exported from the trained weights and quantized here with the chosen candidate and the
+    same calibration frames (re-letterboxed to `imgsz`)."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if imgsz == load_params("export", ExportParams).imgsz:
+        return REPO / paths.ONNX_MODEL, REPO / paths.INT8_MODEL, REPO / paths.DYNAMIC_MODEL
+    quant_p = load_params("quantize", QuantizeParams)
+    fp32 = export_fp32(REPO / paths.WEIGHTS, imgsz, load_params("export", ExportParams).opset, work)
+    pre = work / f"fp32_{imgsz}.pre.onnx"
+    quant_pre_process(str(fp32), str(pre))
+    model = onnx.load(str(pre))
+    model.metadata_props.extend(onnx.load(str(fp32)).metadata_props)
+    calib = rebuild_calibration_tensors(REPO / paths.CALIBRATION_DIR / quant_p.calibration_set, imgsz)
+    ours = work / f"ours_{imgsz}.onnx"
+    ours.write_bytes(build_candidate(model, chosen_candidate(), calib, work))
+    dynamic = work / f"dynamic_{imgsz}.onnx"
+    dynamic.write_bytes(build_dynamic(pre, work))
+    return fp32, ours, dynamic
+
+
 def run(imgsizes: list[int], rounds: int, runs: int, eval_images: int, resamples: int
         ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Build every variant at every size, then measure; returns one row per (imgsz, model) and the
     paired-bootstrap comparisons."""
-    import onnx
-
     base = load_params("base", BaseParams)
     export_p = load_params("export", ExportParams)
     quant_p = load_params("quantize", QuantizeParams)
-    chosen_name = json.loads((REPO / paths.QUANTIZE_METRICS).read_text())["chosen"]
-    chosen = next(c for c in quant_p.candidates if c.name == chosen_name)
+    chosen = chosen_candidate()
     calib_dir = REPO / paths.CALIBRATION_DIR / quant_p.calibration_set
     frames = calibration_frame_paths(calib_dir)  # sha256-checked against the manifest
     dataset_names = yaml.safe_load((REPO / paths.DATASET_YAML).read_text())["names"]
@@ -88,24 +115,7 @@ def run(imgsizes: list[int], rounds: int, runs: int, eval_images: int, resamples
     with tempfile.TemporaryDirectory(prefix="bench-quant-") as tmp:
         work = Path(tmp)
         for imgsz in imgsizes:
-            if imgsz == export_p.imgsz:
-                fp32 = REPO / paths.ONNX_MODEL
-                ours = REPO / paths.INT8_MODEL
-                dynamic = REPO / paths.DYNAMIC_MODEL
-            else:
-                from onnxruntime.quantization.shape_inference import quant_pre_process
-
-                fp32 = export_fp32(REPO / paths.WEIGHTS, imgsz, export_p.opset, work)
-                pre = work / f"fp32_{imgsz}.pre.onnx"
-                quant_pre_process(str(fp32), str(pre))
-                model = onnx.load(str(pre))
-                raw_meta = onnx.load(str(fp32)).metadata_props
-                model.metadata_props.extend(raw_meta)
-                calib = rebuild_calibration_tensors(calib_dir, imgsz)
-                ours = work / f"ours_{imgsz}.onnx"
-                ours.write_bytes(build_candidate(model, chosen, calib, work))
-                dynamic = work / f"dynamic_{imgsz}.onnx"
-                dynamic.write_bytes(build_dynamic(pre, work))
+            fp32, ours, dynamic = pipeline_models(imgsz, work)
             ultra = export_ultralytics_int8(REPO / paths.WEIGHTS, imgsz, export_p.opset, frames, names, work)
             models = {"FP32": fp32, f"ours INT8 ({chosen.name})": ours, "Ultralytics INT8": ultra,
                       "ORT dynamic": dynamic}

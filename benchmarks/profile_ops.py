@@ -1,0 +1,133 @@
+"""Where the time goes: ONNX Runtime's own profile of FP32 vs our INT8, per op type.
+
+For each imgsz (default: export.imgsz and 640) it profiles the FP32 model and the INT8 model the
+quantize stage chose (at other sizes: built here the same way as benchmarks/quantization.py),
+with the settings the device runtime uses (CPU, base.threads, full graph optimisation). Kernel
+times come from ORT's profiler (`SessionOptions.enable_profiling`), warm-up runs excluded, and
+are reported as ms per inference grouped by op type.
+
+The last line per size is the bound the convolutions set: FP32's total kernel time divided by
+the INT8 model's convolution time (QLinearConv, ConvInteger and any Conv/FusedConv left in
+float). Even if every other INT8 op cost nothing, INT8 could not be faster than that ratio with
+these kernels on this CPU.
+
+    python benchmarks/profile_ops.py [--imgsz 256 640] [--runs 50] [--out reports/benchmarks/profile.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+from quantization import chosen_candidate, pipeline_models  # noqa: E402
+
+from pipeline import paths  # noqa: E402
+from pipeline.device.fileio import atomic_write_text  # noqa: E402
+from pipeline.device.preprocess import preprocess  # noqa: E402
+from pipeline.evaluation import load_split  # noqa: E402
+from pipeline.params import BaseParams, ExportParams, load_params  # noqa: E402
+
+# Op types that are convolutions, in either precision (FusedConv = Conv + activation fused by ORT).
+CONV_OPS = {"Conv", "FusedConv", "QLinearConv", "ConvInteger", "NhwcFusedConv"}
+
+
+def profile_session(model: Path, threads: int, inputs: list[np.ndarray], warmup: int, runs: int,
+                    workdir: Path) -> dict[str, float]:
+    """ms per inference by op type for `model`, from ORT's profiler; warm-up runs excluded."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.enable_profiling = True
+    so.profile_file_prefix = str(workdir / model.stem)
+    sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    feed = sess.get_inputs()[0].name
+    for i in range(warmup + runs):
+        sess.run(None, {feed: inputs[i % len(inputs)]})
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    model_runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    if len(model_runs) != warmup + runs:
+        raise RuntimeError(f"ORT profile of {model} has {len(model_runs)} model_run events, expected {warmup + runs}")
+    timed_from = model_runs[warmup]["ts"]
+    per_op: dict[str, float] = defaultdict(float)
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= timed_from:
+            per_op[e["args"]["op_name"]] += e["dur"] / 1000.0 / runs
+    return dict(per_op)
+
+
+def conv_ms(per_op: dict[str, float]) -> float:
+    """Kernel ms per inference spent in convolutions of any precision."""
+    return sum(v for k, v in per_op.items() if k in CONV_OPS)
+
+
+def table(imgsz: int, fp32: dict[str, float], int8: dict[str, float], top: int) -> list[str]:
+    """Markdown rows: the `top` costliest op types of either model, totals, and the conv bound."""
+    ops = sorted(set(fp32) | set(int8), key=lambda k: -max(fp32.get(k, 0.0), int8.get(k, 0.0)))
+    shown, rest = ops[:top], ops[top:]
+    lines = [f"### imgsz {imgsz}", "", "| op type | FP32 ms | INT8 ms |", "|---|---|---|"]
+    for k in shown:
+        lines.append(f"| {k} | {fp32.get(k, 0.0):.2f} | {int8.get(k, 0.0):.2f} |")
+    if rest:
+        lines.append(f"| other ({len(rest)} types) | {sum(fp32.get(k, 0.0) for k in rest):.2f} | "
+                     f"{sum(int8.get(k, 0.0) for k in rest):.2f} |")
+    total32, total8, conv8 = sum(fp32.values()), sum(int8.values()), conv_ms(int8)
+    lines += [f"| **total kernel time** | **{total32:.2f}** | **{total8:.2f}** |", "",
+              f"Kernel-time ratio FP32 / INT8: {total32 / total8:.2f}x. FP32 convolutions {conv_ms(fp32):.2f} ms, "
+              f"INT8 convolutions {conv8:.2f} ms ({conv_ms(fp32) / conv8:.2f}x faster). "
+              f"Bound with every non-convolution INT8 op free: {total32:.2f} / {conv8:.2f} = "
+              f"**{total32 / conv8:.2f}x**.", ""]
+    return lines
+
+
+def main() -> None:
+    """Profile FP32 and INT8 at each size and print (and with --out write) the tables."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--imgsz", type=int, nargs="+", default=None, help="default: export.imgsz and 640")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--top", type=int, default=10, help="op types listed before 'other'")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    os.chdir(REPO)
+    for need in (paths.WEIGHTS, paths.ONNX_MODEL, paths.INT8_MODEL, paths.QUANTIZE_METRICS):
+        if not (REPO / need).is_file():
+            sys.exit(f"{need} is missing: run `dvc repro` first")
+    threads = load_params("base", BaseParams).threads
+    sizes = args.imgsz or [load_params("export", ExportParams).imgsz, 640]
+    num_classes = len(yaml.safe_load((REPO / paths.DATASET_YAML).read_text())["names"])
+    items = load_split(REPO / paths.DATASET_DIR, "val", num_classes, 8)  # only the images are used
+    lines = [f"ONNX Runtime profile, CPU, {threads} threads, {args.runs} runs after {args.warmup} warm-up; "
+             f"INT8 = `{chosen_candidate().name}`; ms per inference (kernel time, no pre/post-processing).", ""]
+    with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
+        work = Path(tmp)
+        for imgsz in sizes:
+            fp32_path, int8_path, _ = pipeline_models(imgsz, work)
+            inputs = [preprocess(it.image, imgsz)[0] for it in items]
+            per_op: dict[str, dict[str, float]] = {}
+            for name, path in (("fp32", fp32_path), ("int8", int8_path)):
+                per_op[name] = profile_session(path, threads, inputs, args.warmup, args.runs, work)
+            lines += table(imgsz, per_op["fp32"], per_op["int8"], args.top)
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        atomic_write_text(args.out, text + "\n")
+
+
+if __name__ == "__main__":
+    main()
