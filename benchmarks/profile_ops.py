@@ -32,13 +32,13 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
-from quantization import chosen_candidate, pipeline_models  # noqa: E402
+from quantization import chosen_candidate, pipeline_models, prepare  # noqa: E402
 
 from pipeline import paths  # noqa: E402
 from pipeline.device.fileio import atomic_write_text  # noqa: E402
 from pipeline.device.preprocess import preprocess  # noqa: E402
 from pipeline.evaluation import load_split  # noqa: E402
-from pipeline.params import BaseParams, ExportParams, load_params  # noqa: E402
+from pipeline.params import BaseParams, load_params  # noqa: E402
 
 # Op types that are convolutions, in either precision (FusedConv = Conv + activation fused by ORT).
 CONV_OPS = {"Conv", "FusedConv", "QLinearConv", "ConvInteger", "NhwcFusedConv"}
@@ -104,12 +104,8 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=10, help="op types listed before 'other'")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    os.chdir(REPO)
-    for need in (paths.WEIGHTS, paths.ONNX_MODEL, paths.INT8_MODEL, paths.QUANTIZE_METRICS):
-        if not (REPO / need).is_file():
-            sys.exit(f"{need} is missing: run `dvc repro` first")
+    sizes = prepare(args.imgsz)
     threads = load_params("base", BaseParams).threads
-    sizes = args.imgsz or [load_params("export", ExportParams).imgsz, 640]
     num_classes = len(yaml.safe_load((REPO / paths.DATASET_YAML).read_text())["names"])
     items = load_split(REPO / paths.DATASET_DIR, "val", num_classes, 8)  # only the images are used
     lines = [f"ONNX Runtime profile, CPU, {threads} threads, {args.runs} runs after {args.warmup} warm-up; "

@@ -67,6 +67,16 @@ def export_ultralytics_int8(weights: Path, imgsz: int, opset: int, frames: list[
                                         fraction=1.0))
 
 
+def prepare(imgsizes: list[int] | None) -> list[int]:
+    """chdir to the repo, exit with the fix if the pipeline's outputs are missing, and return
+    the sizes to measure (default: export.imgsz and 640)."""
+    os.chdir(REPO)
+    for need in (paths.WEIGHTS, paths.ONNX_MODEL, paths.INT8_MODEL, paths.QUANTIZE_METRICS):
+        if not (REPO / need).is_file():
+            sys.exit(f"{need} is missing: run `dvc repro` first")
+    return imgsizes or [load_params("export", ExportParams).imgsz, 640]
+
+
 def chosen_candidate() -> QuantizeCandidate:
     """The candidate the quantize stage picked (reports/quantize/metrics.json), from params."""
     quant_p = load_params("quantize", QuantizeParams)
@@ -177,11 +187,7 @@ def main() -> None:
     ap.add_argument("--resamples", type=int, default=300, help="paired-bootstrap resamples")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    os.chdir(REPO)
-    for need in (paths.WEIGHTS, paths.ONNX_MODEL, paths.INT8_MODEL, paths.QUANTIZE_METRICS):
-        if not (REPO / need).is_file():
-            sys.exit(f"{need} is missing: run `dvc repro` first")
-    sizes = args.imgsz or [load_params("export", ExportParams).imgsz, 640]
+    sizes = prepare(args.imgsz)
     rows, comparisons = run(sizes, args.rounds, args.runs, args.eval_images or None, args.resamples)
     text = table(rows, comparisons, load_params("base", BaseParams).threads)
     print("\n" + text)
