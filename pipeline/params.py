@@ -388,7 +388,7 @@ class QuantizeCandidate:
     format: Literal["QDQ", "QOperator"]
     activation: Literal["U8", "S8"]
     weight: Literal["U8", "S8"]
-    symmetric: bool  # symmetric activation ranges (TensorRT needs them; S8 only)
+    symmetric: bool  # symmetric activation ranges: S8 zero point 0 (TensorRT needs it), U8 zero point 128
     op_types: tuple[str, ...]  # op types to quantize; [] = every type ORT can quantize
     calibration: Literal["MinMax", "Percentile", "Entropy"]
     percentile: float  # used by Percentile calibration
@@ -402,8 +402,6 @@ class QuantizeCandidate:
         _check(bool(self.name) and self.name.replace("_", "").replace("-", "").isalnum(),
                f"quantize candidate name '{self.name}' must be letters, digits, - or _")
         _check(90.0 <= self.percentile <= 100.0, f"quantize candidate {self.name}: percentile must be in [90, 100]")
-        _check(not (self.symmetric and self.activation == "U8"),
-               f"quantize candidate {self.name}: symmetric activations need activation S8")
 
 
 @dataclass(frozen=True)
@@ -414,6 +412,7 @@ class QuantizeParams:
     max_map_drop: float  # accuracy gate: max mAP50-95 drop vs FP32, absolute (0.005 = half a point)
     eval_split: Literal["val", "test"]
     eval_images: int  # 0 = the whole split
+    camera_gate: bool  # also gate on the labelled camera split (data/camera_frames/labelled) when it exists
     latency_warmup: int
     latency_runs: int  # timed runs per model per round
     latency_rounds: int  # rounds; models take turns inside each round

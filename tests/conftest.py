@@ -91,7 +91,8 @@ def quantized(tiny_model: dict[str, Path], tmp_path_factory: pytest.TempPathFact
                         "--train-out", str(out["calibration"] / "train"),
                         "--metrics", str(root / "calibrate.json"), "--params", str(params_path)])
         quantize.main(["--model", str(tiny_model["onnx"]), "--calibration", str(out["calibration"]),
-                       "--data", str(tiny_model["dataset"]), "--int8", str(out["int8"]),
+                       "--data", str(tiny_model["dataset"]), "--camera", str(out["frames"] / "labelled"),
+                       "--int8", str(out["int8"]),
                        "--trt", str(root / "yolov8n.int8.trt.onnx"), "--dynamic", str(out["dynamic"]),
                        "--candidates", str(root / "candidates.csv"), "--metrics", str(out["quantize_metrics"]),
                        "--params", str(params_path)])

@@ -33,8 +33,12 @@ def _calibration(tmp: Path, dataset: Path, imgsz: int) -> Path:
     return out
 
 
+def _raw_params() -> dict[str, Any]:
+    return copy.deepcopy(tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()))["quantize"])
+
+
 def _params(**overrides: Any) -> QuantizeParams:
-    raw = copy.deepcopy(tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()))["quantize"])
+    raw = _raw_params()
     raw.update(overrides)
     return build(QuantizeParams, raw, "quantize", REPO / "params.yaml")
 
@@ -82,6 +86,51 @@ def test_gate_fails_with_every_drop() -> None:
     assert accuracy_gate(rows, 0.05, 0.412, "", latency_tie=0.10).name == "c"
     assert accuracy_gate(rows, 0.05, 0.412, "", latency_tie=0.05).name == "b"
     assert accuracy_gate(rows, 0.05, 0.412, "").name == "b"
+
+
+def test_gate_holds_the_camera_split_too() -> None:
+    """A candidate that is fine on val but loses more than max_map_drop on camera frames fails."""
+    fine_on_val = CandidateResult("asym", "cfg", 0.41, 0.6, 0.001, 8.0, 1.0, 2.5, 100, False,
+                                  map50_95_camera=0.30, drop_camera=0.017)
+    both_ok = CandidateResult("sym", "cfg", 0.41, 0.6, 0.002, 8.3, 1.0, 2.4, 100, False,
+                              map50_95_camera=0.315, drop_camera=0.001)
+    assert fine_on_val.worst_drop == 0.017 and both_ok.worst_drop == 0.002
+    assert accuracy_gate([fine_on_val, both_ok], 0.005, 0.412, "").name == "sym"
+    with pytest.raises(AccuracyGateError, match=r"asym \+0.0010 \(camera \+0.0170\)"):
+        accuracy_gate([fine_on_val], 0.005, 0.412, "")
+    # Tied on latency (within 5%): the smaller worst-case drop wins, not the better val score.
+    better_val = CandidateResult("v", "cfg", 0.42, 0.6, -0.008, 8.1, 1.0, 2.5, 100, False,
+                                 map50_95_camera=0.31, drop_camera=0.004)
+    assert accuracy_gate([better_val, both_ok], 0.005, 0.412, "", latency_tie=0.05).name == "sym"
+
+
+def test_quantize_gates_on_the_camera_split(tmp_path: Path, tiny_model: dict[str, Path],
+                                            quantized: dict[str, Path]) -> None:
+    """With a labelled camera split the table has its columns; without one the gate says why."""
+    calib = _calibration(tmp_path, tiny_model["dataset"], 64)
+    p = _params(candidates=_raw_params()["candidates"][:1])
+    base = BaseParams(seed=0, threads=1)
+    r = quantize(tiny_model["onnx"], calib, tiny_model["dataset"], _outs(tmp_path), p, base,
+                 quantized["frames"] / "labelled")
+    assert r.fp32_map50_95_camera is not None and r.camera_skipped == ""
+    assert r.chosen.drop_camera is not None and r.chosen.worst_drop >= r.chosen.drop
+    row = next(csv.DictReader(io.StringIO(_outs(tmp_path)["candidates"].read_text())))
+    assert row["mAP50-95_camera"] != "" and row["drop_camera"] == "0.0000"
+    r = quantize(tiny_model["onnx"], calib, tiny_model["dataset"], _outs(tmp_path), p, base, tmp_path / "none")
+    assert r.fp32_map50_95_camera is None and "no labelled camera split" in r.camera_skipped
+    assert r.chosen.drop_camera is None
+
+
+def test_symmetric_u8_has_zero_point_128(tmp_path: Path, tiny_model: dict[str, Path]) -> None:
+    """symmetric: true with U8 activations = the U8S8 kernels with zero point 128 everywhere."""
+    calib = _calibration(tmp_path, tiny_model["dataset"], 64)
+    c = next(c for c in _raw_params()["candidates"] if c["activation"] == "U8")
+    p = _params(candidates=[{**c, "symmetric": True}])
+    quantize(tiny_model["onnx"], calib, tiny_model["dataset"], _outs(tmp_path), p, BaseParams(seed=0, threads=1))
+    m = onnx.load(str(_outs(tmp_path)["int8"]))
+    zps = [onnx.numpy_helper.to_array(i) for i in m.graph.initializer
+           if i.name.endswith("_zero_point") and onnx.numpy_helper.to_array(i).dtype == np.uint8]
+    assert zps and all((z == 128).all() for z in zps)
 
 
 def test_missing_and_corrupt_model(tmp_path: Path, tiny_model: dict[str, Path]) -> None:
