@@ -186,8 +186,8 @@ def accuracy_gate(rows: Sequence[CandidateResult], max_map_drop: float, fp32_map
     else AccuracyGateError with the table.
 
     Candidates within `latency_tie` (a fraction) of the fastest passing one count as equally fast
-    (latency on a shared CPU moves by a few percent run to run) and the most accurate of them wins:
-    otherwise the pick between near-twins would be decided by noise.
+    (latency on a shared CPU moves by a few percent run to run) and the most accurate of them wins,
+    then the smallest: otherwise the pick between near-twins would be decided by noise.
     """
     passed = [r for r in rows if r.worst_drop <= max_map_drop]
     if not passed:
@@ -200,7 +200,9 @@ def accuracy_gate(rows: Sequence[CandidateResult], max_map_drop: float, fp32_map
         )
     fastest = min(r.latency_ms for r in passed)
     tied = [r for r in passed if r.latency_ms <= fastest * (1.0 + latency_tie)]
-    return max(tied, key=lambda r: (-r.worst_drop, -r.latency_ms))
+    # Equal accuracy too (e.g. the QDQ and QOperator forms of one configuration score the same to
+    # the last digit): the smaller file, which does not depend on timing noise; latency last.
+    return min(tied, key=lambda r: (round(r.worst_drop, 6), r.size_bytes, r.latency_ms))
 
 
 def _class_names(meta: dict[str, str], model_path: Path) -> list[str]:

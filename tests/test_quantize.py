@@ -102,6 +102,11 @@ def test_gate_holds_the_camera_split_too() -> None:
     better_val = CandidateResult("v", "cfg", 0.42, 0.6, -0.008, 8.1, 1.0, 2.5, 100, False,
                                  map50_95_camera=0.31, drop_camera=0.004)
     assert accuracy_gate([better_val, both_ok], 0.005, 0.412, "", latency_tie=0.05).name == "sym"
+    # Equally accurate twins (QDQ vs QOperator of one configuration): the smaller file, whatever the timing.
+    qop = CandidateResult("sym_qop", "cfg", 0.41, 0.6, 0.002, 8.5, 1.0, 2.3, 90, False,
+                          map50_95_camera=0.315, drop_camera=0.001)
+    assert accuracy_gate([both_ok, qop], 0.005, 0.412, "", latency_tie=0.05).name == "sym_qop"
+    assert accuracy_gate([both_ok, qop], 0.005, 0.412, "", latency_tie=0.01).name == "sym"  # 8.5 ms: not tied
 
 
 def test_quantize_gates_on_the_camera_split(tmp_path: Path, tiny_model: dict[str, Path],
