@@ -35,7 +35,8 @@ from pipeline.calibration_io import load_calibration_tensors
 from pipeline.device.backends import parse_names
 from pipeline.device.fileio import atomic_write_json, atomic_write_text, sha256_file
 from pipeline.device.postprocess import FORMAT_RAW
-from pipeline.evaluation import VAL_CONF, VAL_IOU, VAL_MAX_DET, Accuracy, evaluate_session, load_split, onnx_session
+from pipeline.evaluation import (CAMERA_SPLIT_FOLDER, VAL_CONF, VAL_IOU, VAL_MAX_DET, Accuracy, evaluate_session,
+                                 load_camera_split, load_split, onnx_session)
 from pipeline.int8 import build_candidate
 from pipeline.onnx_graph import metadata, set_metadata
 from pipeline.params import BaseParams, EvaluateParams, QuantizeParams, load_params
@@ -43,7 +44,6 @@ from pipeline.tracking import lineage_tags, log_artifact, log_metrics, set_tags,
 from pipeline.ultralytics_env import import_ultralytics
 
 CAMERA_SPLIT = "camera"  # key of the labelled camera-domain split in the outputs
-CAMERA_SPLIT_FOLDER = "val"  # the camera stage writes its labelled frames as split `val`
 
 
 @dataclass(frozen=True)
@@ -119,13 +119,12 @@ def load_splits(inputs: EvaluateInputs, p: EvaluateParams, num_classes: int) -> 
     limit = p.images or None
     splits: dict[str, Any] = {p.split: load_split(inputs.dataset, p.split, num_classes, limit)}
     skipped: dict[str, str] = {}
-    if (inputs.camera / "dataset.yaml").is_file():
-        splits[CAMERA_SPLIT] = load_split(inputs.camera, CAMERA_SPLIT_FOLDER, num_classes, limit)
+    camera, why = load_camera_split(inputs.camera, num_classes, limit)
+    if camera:
+        splits[CAMERA_SPLIT] = camera
     else:
-        skipped[CAMERA_SPLIT] = (f"no labelled camera split at {inputs.camera} (camera.source is ingest without "
-                                 "camera.ingest_labelled_dir): camera-domain accuracy not measured; set "
-                                 "camera.ingest_labelled_dir to a YOLO folder of labelled camera frames to measure it")
-        print(f"evaluate: skipping the camera split: {skipped[CAMERA_SPLIT]}", flush=True)
+        skipped[CAMERA_SPLIT] = why
+        print(f"evaluate: skipping the camera split: {why}", flush=True)
     return splits, skipped
 
 

@@ -87,6 +87,18 @@ def load_split(dataset_dir: Path, split: str, num_classes: int, limit: int | Non
     return items
 
 
+CAMERA_SPLIT_FOLDER = "val"  # the camera stage writes its labelled frames as split `val`
+
+
+def load_camera_split(camera_dir: Path, num_classes: int, limit: int | None = None) -> tuple[list[Labelled], str]:
+    """The labelled camera-domain split (stage `camera`'s `labelled/`), or [] and why there is none."""
+    if not (camera_dir / "dataset.yaml").is_file():
+        return [], (f"no labelled camera split at {camera_dir} (camera.source is ingest without "
+                    "camera.ingest_labelled_dir); set camera.ingest_labelled_dir to a YOLO folder of labelled "
+                    "camera frames to measure camera-domain accuracy")
+    return load_split(camera_dir, CAMERA_SPLIT_FOLDER, num_classes, limit), ""
+
+
 def multilabel_detections(output: np.ndarray, spec: HeadSpec, letterbox: Letterbox, conf: float = VAL_CONF,
                           iou: float = VAL_IOU, max_det: int = VAL_MAX_DET) -> Detections:
     """Val-style postprocessing of one image's output (C, N): multi-label, class-aware NMS.

@@ -30,7 +30,7 @@ from pipeline import paths
 from pipeline.calibration_io import load_calibration_tensors
 from pipeline.device.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from pipeline.device.postprocess import FORMAT_RAW
-from pipeline.evaluation import decoder, evaluate_session, load_split, onnx_session
+from pipeline.evaluation import decoder, evaluate_session, load_camera_split, load_split, onnx_session
 from pipeline.int8 import build_candidate, build_dynamic, describe, interleaved_latency
 from pipeline.onnx_graph import metadata, set_metadata
 from pipeline.params import BaseParams, QuantizeParams, load_params
@@ -172,12 +172,11 @@ def _camera_split(camera_dir: Path | None, p: QuantizeParams, num_classes: int) 
     """The labelled camera split's images for the gate, or [] and why it is not gated."""
     if not p.camera_gate:
         return [], "quantize.camera_gate is false"
-    if camera_dir is None or not (camera_dir / "dataset.yaml").is_file():
-        why = (f"no labelled camera split at {camera_dir} (camera.source ingest without camera.ingest_labelled_dir): "
-               "the gate checks the val split only; label some camera frames to gate where the model runs")
+    items, why = load_camera_split(camera_dir, num_classes, p.eval_images or None) if camera_dir else ([], "no --camera")
+    if not items:
+        why += "; the gate checks the val split only"
         print(f"quantize: {why}", flush=True)
-        return [], why
-    return load_split(camera_dir, "val", num_classes, p.eval_images or None), ""
+    return items, why
 
 
 def accuracy_gate(rows: Sequence[CandidateResult], max_map_drop: float, fp32_map: float, table: str,
