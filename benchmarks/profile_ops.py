@@ -11,6 +11,14 @@ the INT8 model's convolution time (QLinearConv, ConvInteger and any Conv/FusedCo
 float). Even if every other INT8 op cost nothing, INT8 could not be faster than that ratio with
 these kernels on this CPU.
 
+Then what the int8 SiLU costs, measured rather than summed from the profile: the INT8 model is
+rewritten, for timing only (its outputs are wrong), so each SiLU (QLinearSigmoid + QLinearMul)
+becomes (a) one table-lookup pass, the QLinearSigmoid alone: the cheapest int8 elementwise op ORT
+has, i.e. what a fused SiLU built from ORT's own kernels could at best cost; and (b) nothing: a
+fused SiLU kernel that costs zero. FP32, INT8 and both rewrites are timed interleaved (inference
+only, no decode: the rewritten models' garbage outputs would make NMS meaningless), median of
+round medians. (b) is the ceiling for the SiLU model with ORT's other kernels on this CPU.
+
     python benchmarks/profile_ops.py [--imgsz 256 640] [--runs 50] [--out reports/benchmarks/profile.md]
 """
 
@@ -25,6 +33,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import onnx
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,7 +46,8 @@ from quantization import chosen_candidate, pipeline_models, prepare  # noqa: E40
 from pipeline import paths  # noqa: E402
 from pipeline.device.fileio import atomic_write_text  # noqa: E402
 from pipeline.device.preprocess import preprocess  # noqa: E402
-from pipeline.evaluation import load_split  # noqa: E402
+from pipeline.evaluation import load_split, onnx_session  # noqa: E402
+from pipeline.int8 import interleaved_latency  # noqa: E402
 from pipeline.params import BaseParams, load_params  # noqa: E402
 
 # Op types that are convolutions, in either precision (FusedConv = Conv + activation fused by ORT).
@@ -95,6 +105,65 @@ def table(imgsz: int, fp32: dict[str, float], int8: dict[str, float], top: int) 
     return lines
 
 
+def silu_rewrite(model: onnx.ModelProto, mode: str) -> onnx.ModelProto:
+    """A timing-only copy of a QOperator INT8 model with every int8 SiLU rewritten.
+
+    An int8 SiLU is QLinearSigmoid(x) -> s and QLinearMul(x, s) -> y. `mode` "lut" keeps only the
+    QLinearSigmoid (y := s: one table-lookup pass per activation); "free" removes both (y := x).
+    The outputs are wrong by design; the graph stays valid (uint8 in, uint8 out).
+    """
+    if mode not in ("lut", "free"):
+        raise ValueError(f"mode must be 'lut' or 'free', not {mode!r}")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    remove, rename = [], {}
+    for node in graph.node:
+        if node.op_type != "QLinearMul":
+            continue
+        a, b = node.input[0], node.input[3]  # QLinearMul(A, A_scale, A_zp, B, B_scale, B_zp, ...)
+        for x, s in ((a, b), (b, a)):
+            sig = producer.get(s)
+            if sig is not None and sig.op_type == "QLinearSigmoid" and sig.input[0] == x:
+                remove.append(node)
+                if mode == "free":
+                    remove.append(sig)
+                rename[node.output[0]] = x if mode == "free" else s
+                break
+    if not rename:
+        raise ValueError("no int8 SiLU (QLinearSigmoid + QLinearMul) in the model: it is not a QOperator INT8 YOLOv8")
+    for node in remove:
+        graph.node.remove(node)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = rename.get(name, name)
+    for o in graph.output:
+        o.name = rename.get(o.name, o.name)
+    return out
+
+
+def silu_bound(fp32: Path, int8: Path, threads: int, inputs: list[np.ndarray], rounds: int, runs: int
+               ) -> dict[str, tuple[float, float]]:
+    """Interleaved inference latency (median ms, spread) of FP32, INT8 and INT8 with its SiLU
+    rewritten to one LUT pass ("int8, SiLU = 1 LUT") and to nothing ("int8, SiLU free")."""
+    model = onnx.load(str(int8))
+    sessions = {"fp32": onnx_session(fp32, threads), "int8": onnx_session(int8, threads),
+                "int8, SiLU = 1 LUT": onnx_session(silu_rewrite(model, "lut").SerializeToString(), threads),
+                "int8, SiLU free": onnx_session(silu_rewrite(model, "free").SerializeToString(), threads)}
+    return interleaved_latency(sessions, inputs, warmup=10, runs=runs, rounds=rounds)
+
+
+def silu_table(imgsz: int, latency: dict[str, tuple[float, float]]) -> list[str]:
+    """Markdown rows for `silu_bound`'s result, ratios vs FP32."""
+    fp32 = latency["fp32"][0]
+    lines = [f"#### What the int8 SiLU costs, imgsz {imgsz} (timing-only rewrites, inference only, interleaved)", "",
+             "| model | ms (median, ± half the round spread) | vs FP32 |", "|---|---|---|"]
+    for name, (ms, spread) in latency.items():
+        lines.append(f"| {name} | {ms:.2f} (±{spread / 2:.2f}) | {fp32 / ms:.2f}x |")
+    return lines + [""]
+
+
 def main() -> None:
     """Profile FP32 and INT8 at each size and print (and with --out write) the tables."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -102,6 +171,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--top", type=int, default=10, help="op types listed before 'other'")
+    ap.add_argument("--rounds", type=int, default=7, help="SiLU bound: interleaved rounds")
+    ap.add_argument("--round-runs", type=int, default=20, help="SiLU bound: runs per model per round")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     sizes = prepare(args.imgsz)
@@ -119,6 +190,11 @@ def main() -> None:
             for name, path in (("fp32", fp32_path), ("int8", int8_path)):
                 per_op[name] = profile_session(path, threads, inputs, args.warmup, args.runs, work)
             lines += table(imgsz, per_op["fp32"], per_op["int8"], args.top)
+            if chosen_candidate().format == "QOperator":
+                lines += silu_table(imgsz, silu_bound(fp32_path, int8_path, threads, inputs, args.rounds,
+                                                      args.round_runs))
+            else:
+                lines += ["(SiLU bound: the chosen candidate is QDQ; the rewrite needs the QOperator form.)", ""]
     text = "\n".join(lines)
     print(text)
     if args.out:

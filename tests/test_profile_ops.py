@@ -46,3 +46,48 @@ def test_table_bound_is_fp32_total_over_int8_convs() -> None:
     assert "| other (3 types) |" in text
     assert "**10.00**" in text and "**7.00**" in text
     assert "10.00 / 5.00 = **2.00x**" in text  # 10 ms FP32 total over 4 + 1 ms of INT8 convolutions
+
+
+def _int8_qoperator_silu(tmp_path: Path) -> Path:
+    """The Conv -> SiLU model statically quantized by ORT in QOperator form (U8S8)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    src = _conv_silu_model(tmp_path / "f.onnx")
+    rng = np.random.default_rng(1)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"x": rng.standard_normal((1, 3, 32, 32)).astype(np.float32)} for _ in range(4)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    dst = tmp_path / "q.onnx"
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QOperator,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return dst
+
+
+def test_silu_rewrite_lut_and_free_stay_runnable(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    model = onnx.load(str(_int8_qoperator_silu(tmp_path)))
+    ops = [n.op_type for n in model.graph.node]
+    assert "QLinearSigmoid" in ops and "QLinearMul" in ops, ops
+    x = np.random.default_rng(2).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    for mode, left in (("lut", {"QLinearSigmoid"}), ("free", set())):
+        rewritten = profile_ops.silu_rewrite(model, mode)
+        kinds = {n.op_type for n in rewritten.graph.node}
+        assert "QLinearMul" not in kinds and ("QLinearSigmoid" in kinds) == bool(left), (mode, kinds)
+        onnx.checker.check_model(rewritten)
+        sess = ort.InferenceSession(rewritten.SerializeToString(), providers=["CPUExecutionProvider"])
+        (y,) = sess.run(None, {"x": x})
+        assert y.shape == (1, 8, 32, 32)
+    assert [n.op_type for n in model.graph.node] == ops  # the input model is not modified
+
+
+def test_silu_rewrite_refuses_a_model_without_int8_silu(tmp_path: Path) -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="no int8 SiLU"):
+        profile_ops.silu_rewrite(onnx.load(str(_conv_silu_model(tmp_path / "f.onnx"))), "lut")
