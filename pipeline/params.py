@@ -420,6 +420,7 @@ class QuantizeParams:
     latency_iou: float  # NMS IoU
     latency_max_det: int  # and detections kept
     latency_tie: float  # candidates within this fraction of the fastest's latency tie; the most accurate wins
+    bootstrap_resamples: int  # paired-bootstrap resamples for each drop's 95% interval (0 = no intervals)
     candidates: tuple[QuantizeCandidate, ...]
     trt: QuantizeCandidate  # the symmetric QDQ model for TensorRT explicit quantization
 
@@ -433,6 +434,8 @@ class QuantizeParams:
                "quantize latency_conf must be in (0, 1), latency_iou in (0, 1], latency_max_det >= 1")
         _check(len(self.candidates) >= 1, "quantize.candidates must list at least one configuration")
         _check(0.0 <= self.latency_tie < 1.0, "quantize.latency_tie must be in [0, 1) (0.05 = within 5% of the fastest)")
+        _check(self.bootstrap_resamples == 0 or self.bootstrap_resamples >= 20,
+               "quantize.bootstrap_resamples must be 0 (no intervals) or >= 20 (200 is the default)")
         names = [c.name for c in self.candidates]
         _check(len(set(names)) == len(names), "quantize.candidates names must be unique")
         _check(self.trt.format == "QDQ" and self.trt.activation == "S8" and self.trt.weight == "S8"

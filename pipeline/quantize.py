@@ -30,7 +30,8 @@ from pipeline import paths
 from pipeline.calibration_io import load_calibration_tensors
 from pipeline.device.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from pipeline.device.postprocess import FORMAT_RAW
-from pipeline.evaluation import decoder, evaluate_session, load_camera_split, load_split, onnx_session
+from pipeline.evaluation import (ImageStats, accuracy_from_stats, decoder, image_stats, load_camera_split, load_split,
+                                 onnx_session, paired_bootstrap_map)
 from pipeline.int8 import build_candidate, build_dynamic, describe, interleaved_latency
 from pipeline.onnx_graph import metadata, set_metadata
 from pipeline.params import BaseParams, QuantizeParams, load_params
@@ -58,6 +59,10 @@ class CandidateResult:
     model: bytes | None = None
     map50_95_camera: float | None = None  # on the labelled camera split (None: not gated there)
     drop_camera: float | None = None
+    # 95% paired-bootstrap intervals of the drops (None: quantize.bootstrap_resamples is 0). With a
+    # few hundred images they are about +-0.6 points wide: wider than the gate's half a point.
+    drop_ci: tuple[float, float] | None = None
+    drop_camera_ci: tuple[float, float] | None = None
 
     @property
     def worst_drop(self) -> float:
@@ -117,23 +122,31 @@ def quantize(model_path: Path, calib_dir: Path, dataset_dir: Path, outs: dict[st
         fp32 = onnx.load(str(pre))
         set_metadata(fp32, meta)
         fp32_session = onnx_session(model_path, base.threads)
-        fp32_acc, _ = evaluate_session(fp32_session, items, names)
-        fp32_cam = evaluate_session(fp32_session, cam_items, names)[0].map50_95 if cam_items else None
+        fp32_stats = image_stats(fp32_session, items, names)[0]
+        fp32_acc = accuracy_from_stats(fp32_stats, names)
+        fp32_cam_stats = image_stats(fp32_session, cam_items, names)[0] if cam_items else []
+        fp32_cam = accuracy_from_stats(fp32_cam_stats, names).map50_95 if cam_items else None
         print(f"quantize: FP32 mAP50-95 {fp32_acc.map50_95:.4f} on {len(items)} {p.eval_split} images"
               + (f", {fp32_cam:.4f} on {len(cam_items)} camera images" if cam_items else ""), flush=True)
 
         built: dict[str, bytes] = {}
         accs = {}
         cam_maps: dict[str, float] = {}
+        cis: dict[str, tuple[tuple[float, float] | None, tuple[float, float] | None]] = {}
         for c in p.candidates:
             t0 = time.monotonic()
             built[c.name] = build_candidate(fp32, c, calib, work)
             session = onnx_session(built[c.name], base.threads)
-            accs[c.name], _ = evaluate_session(session, items, names)
+            stats = image_stats(session, items, names)[0]
+            accs[c.name] = accuracy_from_stats(stats, names)
             line = f"drop {fp32_acc.map50_95 - accs[c.name].map50_95:+.4f}"
+            cam_ci = None
             if fp32_cam is not None:
-                cam_maps[c.name] = evaluate_session(session, cam_items, names)[0].map50_95
+                cam_stats = image_stats(session, cam_items, names)[0]
+                cam_maps[c.name] = accuracy_from_stats(cam_stats, names).map50_95
                 line += f"; camera {cam_maps[c.name]:.4f}, drop {fp32_cam - cam_maps[c.name]:+.4f}"
+                cam_ci = drop_interval(fp32_cam_stats, cam_stats, names, p.bootstrap_resamples, base.seed)
+            cis[c.name] = (drop_interval(fp32_stats, stats, names, p.bootstrap_resamples, base.seed), cam_ci)
             print(f"quantize: {c.name:<24} mAP50-95 {accs[c.name].map50_95:.4f} ({line}) built+evaluated in "
                   f"{time.monotonic() - t0:.0f}s", flush=True)
 
@@ -149,7 +162,7 @@ def quantize(model_path: Path, calib_dir: Path, dataset_dir: Path, outs: dict[st
             row = CandidateResult(
                 c.name, describe(c), accs[c.name].map50_95, accs[c.name].map50, fp32_acc.map50_95 - accs[c.name].map50_95,
                 ms, spread, fp32_ms / ms, len(built[c.name]), False, built[c.name],
-                cam_maps.get(c.name), fp32_cam - cam_maps[c.name] if fp32_cam is not None else None)
+                cam_maps.get(c.name), fp32_cam - cam_maps[c.name] if fp32_cam is not None else None, *cis[c.name])
             row.passed = row.worst_drop <= p.max_map_drop
             rows.append(row)
         table = candidates_csv(rows, fp32_acc.map50_95, fp32_ms, model_path.stat().st_size, fp32_cam)
@@ -166,6 +179,17 @@ def quantize(model_path: Path, calib_dir: Path, dataset_dir: Path, outs: dict[st
         atomic_write_bytes(outs["dynamic"], dyn)
     return QuantizeResult(fp32_acc.map50_95, fp32_ms, model_path.stat().st_size, rows, chosen, len(trt), len(dyn),
                           fp32_cam, camera_skipped)
+
+
+def drop_interval(fp32_stats: Sequence[ImageStats], int8_stats: Sequence[ImageStats], names: Sequence[str],
+                  resamples: int, seed: int) -> tuple[float, float] | None:
+    """95% paired-bootstrap interval of the mAP50-95 drop (FP32 minus INT8) on these images, or
+    None when `resamples` is 0. The gate decides on the point estimate; the interval says how far
+    that estimate could move on another sample of images of the same kind."""
+    if resamples == 0:
+        return None
+    b = paired_bootstrap_map(fp32_stats, int8_stats, names, resamples, seed)
+    return b["ci_low"], b["ci_high"]
 
 
 def _camera_split(camera_dir: Path | None, p: QuantizeParams, num_classes: int) -> tuple[list[Any], str]:
@@ -215,21 +239,27 @@ def _class_names(meta: dict[str, str], model_path: Path) -> list[str]:
 
 def candidates_csv(rows: Sequence[CandidateResult], fp32_map: float, fp32_ms: float, fp32_size: int,
                    fp32_map_camera: float | None = None) -> str:
-    """The candidate table as CSV text (FP32 reference first); camera columns empty when not gated there."""
+    """The candidate table as CSV text (FP32 reference first); camera columns empty when not gated
+    there, interval columns empty without bootstrap resamples."""
     def f4(x: float | None) -> str:
         return "" if x is None else f"{x:.4f}"
 
+    def ci(x: tuple[float, float] | None) -> list[str]:
+        return ["", ""] if x is None else [f"{x[0]:.4f}", f"{x[1]:.4f}"]
+
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["name", "config", "mAP50-95", "mAP50", "drop", "mAP50-95_camera", "drop_camera", "latency_ms",
-                "spread_ms", "speedup", "size_mb", "passed"])
-    w.writerow(["fp32", "FP32 ONNX", f"{fp32_map:.4f}", "", "0.0000", f4(fp32_map_camera),
-                "" if fp32_map_camera is None else "0.0000", f"{fp32_ms:.2f}", "", "1.00",
-                f"{fp32_size / 1e6:.2f}", "reference"])
+    w.writerow(["name", "config", "mAP50-95", "mAP50", "drop", "drop_ci_low", "drop_ci_high", "mAP50-95_camera",
+                "drop_camera", "drop_camera_ci_low", "drop_camera_ci_high", "latency_ms", "spread_ms", "speedup",
+                "size_mb", "passed"])
+    cam_ref = "" if fp32_map_camera is None else "0.0000"
+    w.writerow(["fp32", "FP32 ONNX", f"{fp32_map:.4f}", "", "0.0000", "", "", f4(fp32_map_camera), cam_ref, "", "",
+                f"{fp32_ms:.2f}", "", "1.00", f"{fp32_size / 1e6:.2f}", "reference"])
     for r in rows:
-        w.writerow([r.name, r.config, f"{r.map50_95:.4f}", f"{r.map50:.4f}", f"{r.drop:.4f}", f4(r.map50_95_camera),
-                    f4(r.drop_camera), f"{r.latency_ms:.2f}", f"{r.latency_spread_ms:.2f}", f"{r.speedup:.2f}",
-                    f"{r.size_bytes / 1e6:.2f}", "yes" if r.passed else "no"])
+        w.writerow([r.name, r.config, f"{r.map50_95:.4f}", f"{r.map50:.4f}", f"{r.drop:.4f}", *ci(r.drop_ci),
+                    f4(r.map50_95_camera), f4(r.drop_camera), *ci(r.drop_camera_ci), f"{r.latency_ms:.2f}",
+                    f"{r.latency_spread_ms:.2f}", f"{r.speedup:.2f}", f"{r.size_bytes / 1e6:.2f}",
+                    "yes" if r.passed else "no"])
     return buf.getvalue()
 
 
@@ -280,6 +310,9 @@ def main(argv: list[str] | None = None) -> None:
                 "int8_mAP50-95_camera": round(r.chosen.map50_95_camera or 0.0, 6),
                 "map_drop_camera": round(r.chosen.drop_camera or 0.0, 6)}
                if r.fp32_map50_95_camera is not None else {"camera_gate_skipped": r.camera_skipped}),
+            **({"map_drop_ci95": [round(v, 6) for v in r.chosen.drop_ci]} if r.chosen.drop_ci else {}),
+            **({"map_drop_camera_ci95": [round(v, 6) for v in r.chosen.drop_camera_ci]}
+               if r.chosen.drop_camera_ci else {}),
             "size_fp32_bytes": r.fp32_size,
             "size_int8_bytes": r.chosen.size_bytes,
             "size_ratio": round(r.chosen.size_bytes / r.fp32_size, 4),

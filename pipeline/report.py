@@ -427,14 +427,24 @@ def render_markdown(r: Report, p: ReportParams, q: QuantizeParams, plots_rel: st
         lines.append(f"| {c} | {_fmt(fp32.get(c))} | {_fmt(int8.get(c))} | {delta:+.4f} |")
     lines += ["", f"![per-class AP]({plots_rel}/per_class_ap.png)", "",
               "## Quantization candidates (accuracy-gated, fastest passing wins)", "",
-              "| candidate | mAP50-95 | drop | latency ms | speed-up | size MB | passed |", "|---|---|---|---|---|---|---|"]
+              "| candidate | mAP50-95 | drop (95% interval) | camera mAP50-95 | camera drop (95% interval) | latency ms "
+              "| speed-up | size MB | passed |", "|---|---|---|---|---|---|---|---|---|"]
     for c in r.candidates:
-        lines.append(f"| {c['name']} | {c['mAP50-95']} | {c['drop']} | {c['latency_ms']} | {c['speedup']} | "
-                     f"{c['size_mb']} | {c['passed']} |")
+        lines.append(f"| {c['name']} | {c['mAP50-95']} | {_drop(c, 'drop')} | {c.get('mAP50-95_camera') or '-'} | "
+                     f"{_drop(c, 'drop_camera')} | {c['latency_ms']} | {c['speedup']} | {c['size_mb']} | {c['passed']} |")
     lines += ["", "## Models", "", "| model | sha256 |", "|---|---|"]
     lines += [f"| {name} | `{sha[:16]}` |" for name, sha in sorted(r.model_shas.items())]
     lines += ["", "Walk any MLflow run back to its data with `python -m pipeline.lineage RUN_ID`.", ""]
     return "\n".join(lines)
+
+
+def _drop(row: Mapping[str, str], key: str) -> str:
+    """A candidates.csv drop with its bootstrap interval when the row has one ("-" when empty)."""
+    value = row.get(key) or ""
+    low, high = row.get(f"{key}_ci_low") or "", row.get(f"{key}_ci_high") or ""
+    if not value:
+        return "-"
+    return f"{value} [{low}, {high}]" if low and high else value
 
 
 def log_summary_run(r: Report, md_path: Path, plots: Mapping[str, Path]) -> None:

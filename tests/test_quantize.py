@@ -119,11 +119,20 @@ def test_quantize_gates_on_the_camera_split(tmp_path: Path, tiny_model: dict[str
                  quantized["frames"] / "labelled")
     assert r.fp32_map50_95_camera is not None and r.camera_skipped == ""
     assert r.chosen.drop_camera is not None and r.chosen.worst_drop >= r.chosen.drop
-    row = next(csv.DictReader(io.StringIO(_outs(tmp_path)["candidates"].read_text())))
+    row, cand = csv.DictReader(io.StringIO(_outs(tmp_path)["candidates"].read_text()))
     assert row["mAP50-95_camera"] != "" and row["drop_camera"] == "0.0000"
-    r = quantize(tiny_model["onnx"], calib, tiny_model["dataset"], _outs(tmp_path), p, base, tmp_path / "none")
+    # Every drop carries its paired-bootstrap interval (resampled images: it spans the point estimate
+    # unless the resamples all fall to one side, so only its order and type are certain here).
+    for key in ("drop", "drop_camera"):
+        low, high = float(cand[f"{key}_ci_low"]), float(cand[f"{key}_ci_high"])
+        assert low <= high and -1.0 <= low and high <= 1.0, (key, low, high)
+    assert r.chosen.drop_ci is not None and abs(r.chosen.drop_ci[1] - float(cand["drop_ci_high"])) < 1e-4
+    r = quantize(tiny_model["onnx"], calib, tiny_model["dataset"], _outs(tmp_path),
+                 _params(candidates=_raw_params()["candidates"][:1], bootstrap_resamples=0), base, tmp_path / "none")
     assert r.fp32_map50_95_camera is None and "no labelled camera split" in r.camera_skipped
-    assert r.chosen.drop_camera is None
+    assert r.chosen.drop_camera is None and r.chosen.drop_ci is None
+    cand = list(csv.DictReader(io.StringIO(_outs(tmp_path)["candidates"].read_text())))[1]
+    assert cand["drop_ci_low"] == cand["drop_camera_ci_low"] == cand["drop_camera"] == ""
 
 
 def test_symmetric_u8_has_zero_point_128(tmp_path: Path, tiny_model: dict[str, Path]) -> None:
