@@ -127,7 +127,10 @@ def multilabel_detections(output: np.ndarray, spec: HeadSpec, letterbox: Letterb
         top = np.argsort(-cand_scores, kind="stable")[:30000]
         boxes, cand_scores, cls_idx = boxes[top], cand_scores[top], cls_idx[top]
     keep = nms(boxes + (cls_idx[:, None] * MAX_WH).astype(np.float32), cand_scores, iou)[:max_det]
-    return Detections(letterbox.to_source(boxes[keep]), cand_scores[keep], cls_idx[keep].astype(np.int64))
+    # Unclipped, as Ultralytics' val matches them (in letterbox space; IoU is the same in source
+    # space). Clipping to the image, as the device's predict path does, raised the AP50-95 of
+    # scratches, long boxes that run off the edge, by 0.0077 on the val split and nothing else.
+    return Detections(letterbox.to_source(boxes[keep], clip=False), cand_scores[keep], cls_idx[keep].astype(np.int64))
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

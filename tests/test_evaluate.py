@@ -236,16 +236,17 @@ def _agreement(onnx_path: Path, dataset: Path, split: str, limit: int | None, wo
     return ours, theirs
 
 
-def _assert_agree(ours: Accuracy, theirs: Accuracy, tol: float = 0.005, per_class_tol: float = 0.01) -> None:
-    """The issue's bar (0.005) for the summary metrics; per class a looser one, see below."""
+def _assert_agree(ours: Accuracy, theirs: Accuracy, tol: float = 0.005) -> None:
+    """The issue's bar (0.005), for the summary metrics and for every class's AP50 and AP50-95.
+
+    Measured on the repo model's val split: identical to 6 digits. (Clipping predicted boxes to
+    the image, as the device's predict path does, had put scratches' AP50-95 0.0077 above
+    Ultralytics': its val matches unclipped boxes, and scratches run off the edge.)
+    """
     for k in ("map50_95", "map50", "precision", "recall"):
         assert abs(getattr(ours, k) - getattr(theirs, k)) <= tol, (k, getattr(ours, k), getattr(theirs, k))
-    # Per class: on the model trained on the VNNI machine every class agreed to 6 digits except
-    # scratches (the 1-2 px wide boxes), whose AP50 is identical but AP50-95 differs by 0.0077:
-    # only the high-IoU matches of the thinnest boxes differ (float32 labels/IoU/thresholds as
-    # Ultralytics computes them changed nothing). On the AVX2 machine's model: 0.0031.
     for cls, ap in theirs.per_class_ap50_95.items():
-        assert abs(ours.per_class_ap50_95[cls] - ap) <= per_class_tol, (cls, ours.per_class_ap50_95[cls], ap)
+        assert abs(ours.per_class_ap50_95[cls] - ap) <= tol, (cls, ours.per_class_ap50_95[cls], ap)
         assert abs(ours.per_class_ap50[cls] - theirs.per_class_ap50[cls]) <= tol, cls
 
 
@@ -260,9 +261,8 @@ def test_agrees_with_ultralytics_val_repo_model(tmp_path: Path) -> None:
     model, dataset = REPO / "models" / "yolov8n.onnx", REPO / "data" / "defects"
     if not model.is_file() or not (dataset / "images" / "val").is_dir():
         pytest.skip("models/yolov8n.onnx or data/defects not built yet (run dvc repro)")
-    # The whole val split (the stage's own set). Measured: mAP50-95 0.641377 vs 0.640619 (AVX2
-    # machine), 0.613774 vs 0.612496 (VNNI machine); P, R and mAP50 identical; per class see
-    # _assert_agree. On a 40-image subset scratches differed by 0.0061 while mAP50-95 stayed within 0.001.
+    # The whole val split (the stage's own set). Measured on the VNNI machine's model: mAP50-95
+    # 0.612496 vs 0.612496, every class identical to 6 digits.
     ours, theirs = _agreement(model, dataset, "val", None, tmp_path)
     assert theirs.map50_95 > 0.1, "the repo model should be trained; agreement on a zero-mAP model proves little"
     _assert_agree(ours, theirs)

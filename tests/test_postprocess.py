@@ -55,6 +55,8 @@ def test_threshold_is_strict_and_letterbox_maps_back() -> None:
     (dets,) = postprocess(out[None], HeadSpec(FORMAT_RAW, 1, 64), 0.25, 0.45, 10, [lb])
     assert len(dets) == 1  # 0.25 is not > 0.25 (Ultralytics' rule)
     np.testing.assert_allclose(dets.boxes[0], [16, 0, 24, 0])  # (8..12, 8..12) -> x*2, (y-16)*2 clipped at 0
+    # Unclipped (how Ultralytics' val scores boxes that run off the image): the same mapping.
+    np.testing.assert_allclose(lb.to_source(np.array([[8.0, 8.0, 12.0, 12.0]]), clip=False)[0], [16, -16, 24, -8])
 
 
 def test_bad_shapes_and_thresholds() -> None:

@@ -26,14 +26,16 @@ class Letterbox:
     pad_top: int
     source_hw: Tuple[int, int]
 
-    def to_source(self, boxes_xyxy: np.ndarray) -> np.ndarray:
-        """Map boxes (N, 4) from model-input pixels back to source-image pixels, clipped."""
+    def to_source(self, boxes_xyxy: np.ndarray, clip: bool = True) -> np.ndarray:
+        """Map boxes (N, 4) from model-input pixels back to source-image pixels, clipped to the
+        image unless `clip` is False (mAP as Ultralytics' val scores it: unclipped)."""
         out = boxes_xyxy.astype(np.float32, copy=True)
         out[:, [0, 2]] = (out[:, [0, 2]] - self.pad_left) / self.scale
         out[:, [1, 3]] = (out[:, [1, 3]] - self.pad_top) / self.scale
-        h, w = self.source_hw
-        out[:, [0, 2]] = out[:, [0, 2]].clip(0, w)
-        out[:, [1, 3]] = out[:, [1, 3]].clip(0, h)
+        if clip:
+            h, w = self.source_hw
+            out[:, [0, 2]] = out[:, [0, 2]].clip(0, w)
+            out[:, [1, 3]] = out[:, [1, 3]].clip(0, h)
         return out
 
 
