@@ -12,6 +12,32 @@ import yaml
 from support import REPO, mlflow_store, tiny_params
 
 
+# The pipeline's outputs in the checkout. A stage's CLI defaults point here, so a test that forgets
+# one output argument would overwrite the user's results (it happened: the benchmark stage's
+# latency samples); the session fails if any of these files changed while the tests ran.
+_REPO_OUTPUTS = ("data", "models", "calibration", "reports")
+
+
+def _snapshot() -> dict[str, tuple[int, int]]:
+    out = {}
+    for top in _REPO_OUTPUTS:
+        for f in (REPO / top).rglob("*"):
+            if f.is_file():
+                st = f.stat()
+                out[f.relative_to(REPO).as_posix()] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repo_outputs_untouched() -> Any:
+    """Fail the session if a test wrote into the checkout's pipeline outputs."""
+    before = _snapshot()
+    yield
+    after = _snapshot()
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    assert not changed, f"tests changed the checkout's pipeline outputs (pass the output paths explicitly): {changed[:10]}"
+
+
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Point MLflow and Ultralytics at a per-test temp folder."""

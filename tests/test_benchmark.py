@@ -130,9 +130,12 @@ def test_peak_rss_is_per_model(quantized: dict[str, Path]) -> None:  # noqa: F81
 @pytest.mark.slow
 def test_stage_results_schema(quantized: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
     results, table = tmp_path / "b" / "results.json", tmp_path / "b" / "results.csv"
+    samples = tmp_path / "b" / "latency_samples.csv"
     bm.main(["--weights", str(quantized["weights"]), "--model", str(quantized["onnx"]), "--int8", str(quantized["int8"]),
              "--dynamic", str(quantized["dynamic"]), "--calibration", str(quantized["calibration"]),
-             "--results", str(results), "--csv", str(table), "--params", str(quantized["params"])])
+             "--results", str(results), "--csv", str(table), "--samples", str(samples),
+             "--params", str(quantized["params"])])
+    assert samples.read_text().startswith("imgsz,variant,run,latency_ms\n")
     doc = json.loads(results.read_text())
     p = load_params("benchmark", BenchmarkParams, quantized["params"])
     assert doc["schema"] == 1 and doc["config"]["threads"] == load_params("base", BaseParams, quantized["params"]).threads
