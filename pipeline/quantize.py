@@ -218,14 +218,36 @@ def accuracy_gate(rows: Sequence[CandidateResult], max_map_drop: float, fp32_map
                           for r in rows)
         raise AccuracyGateError(
             f"no INT8 candidate kept mAP50-95 within quantize.max_map_drop={max_map_drop} of FP32 ({fp32_map:.4f}); "
-            f"drops: {drops}\n{table}Relax max_map_drop, add candidates (Percentile calibration, more float_layers, "
-            "fewer op_types) or use a larger calibration set in params.yaml"
+            f"drops: {drops}\n{table}{gate_verdict(rows, max_map_drop)}Relax max_map_drop, add candidates "
+            "(Percentile calibration, more float_layers, fewer op_types) or use a larger calibration set in params.yaml"
         )
     fastest = min(r.latency_ms for r in passed)
     tied = [r for r in passed if r.latency_ms <= fastest * (1.0 + latency_tie)]
     # Equal accuracy too (e.g. the QDQ and QOperator forms of one configuration score the same to
     # the last digit): the smaller file, which does not depend on timing noise; latency last.
     return min(tied, key=lambda r: (round(r.worst_drop, 6), r.size_bytes, r.latency_ms))
+
+
+def gate_verdict(rows: Sequence[CandidateResult], max_map_drop: float) -> str:
+    """Whether the failed candidates failed for certain or within the noise of the split sizes.
+
+    A candidate fails for certain when the 95% interval of its val or camera drop lies wholly above
+    `max_map_drop`; otherwise its point estimate failed but more labelled images could turn it
+    either way. "" when the rows carry no intervals.
+    """
+    def certain(r: CandidateResult) -> bool:
+        return any(ci is not None and ci[0] > max_map_drop for ci in (r.drop_ci, r.drop_camera_ci))
+
+    if all(r.drop_ci is None and r.drop_camera_ci is None for r in rows):
+        return ""
+    unsure = [r.name for r in rows if not certain(r)]
+    if not unsure:
+        return ("Every candidate fails for certain: for each, the 95% interval of its val or camera drop lies wholly "
+                f"above {max_map_drop}, so this model loses more than the gate allows with these configurations; "
+                "more images would not change that.\n")
+    return (f"Within the noise: {', '.join(unsure)} failed on the point estimate, but their 95% intervals reach "
+            f"{max_map_drop}; more labelled images (a larger val split, camera.synthetic.labelled_images or your own "
+            "labelled camera frames) would decide them.\n")
 
 
 def _class_names(meta: dict[str, str], model_path: Path) -> list[str]:

@@ -78,7 +78,14 @@ def test_gate_fails_with_every_drop() -> None:
             CandidateResult("b", "cfg b", 0.39, 0.6, 0.020, 8.0, 1.0, 2.5, 100, False)]
     with pytest.raises(AccuracyGateError, match=r"max_map_drop=0.005 .* drops: a \+0.0120, b \+0.0200") as e:
         accuracy_gate(rows, 0.005, 0.412, "TABLE\n")
-    assert "TABLE" in str(e.value)
+    assert "TABLE" in str(e.value) and "for certain" not in str(e.value)  # no intervals: no verdict
+    # With intervals, the error says whether more images could change the outcome.
+    rows[0].drop_ci, rows[1].drop_ci = (0.008, 0.016), (0.001, 0.030)
+    with pytest.raises(AccuracyGateError, match=r"Within the noise: b failed on the point estimate"):
+        accuracy_gate(rows, 0.005, 0.412, "")
+    rows[1].drop_camera_ci = (0.006, 0.02)
+    with pytest.raises(AccuracyGateError, match=r"Every candidate fails for certain"):
+        accuracy_gate(rows, 0.005, 0.412, "")
     assert accuracy_gate(rows, 0.015, 0.412, "").name == "a"  # b is faster but fails
     assert accuracy_gate(rows, 0.05, 0.412, "").name == "b"  # both pass: the fastest wins
     # Within the latency tie (10%: 8.0 vs 8.6 ms) the more accurate wins; outside it, the fastest.
