@@ -60,9 +60,10 @@ def stage_outputs(tmp_path: Path) -> dict[str, Path]:
         (rep / d).mkdir(parents=True)
     (rep / "quantize/metrics.json").write_text(json.dumps({"chosen": "rr_minmax", "size_ratio": 0.28}))
     (rep / "quantize/candidates.csv").write_text(
-        "name,config,mAP50-95,mAP50,drop,latency_ms,spread_ms,speedup,size_mb,passed\n"
-        "fp32,FP32 ONNX,0.6414,,0.0000,10.61,,1.00,12.13,reference\n"
-        "rr_minmax,QDQ U8S8,0.6379,0.8577,0.0035,7.56,0.64,1.40,3.37,yes\n")
+        "name,config,mAP50-95,mAP50,drop,drop_ci_low,drop_ci_high,mAP50-95_camera,drop_camera,drop_camera_ci_low,"
+        "drop_camera_ci_high,latency_ms,spread_ms,speedup,size_mb,passed\n"
+        "fp32,FP32 ONNX,0.6414,,0.0000,,,0.3500,0.0000,,,10.61,,1.00,12.13,reference\n"
+        "rr_minmax,QDQ U8S8,0.6379,0.8577,0.0035,-0.0010,0.0080,0.3460,0.0040,0.0001,0.0079,7.56,0.64,1.40,3.37,yes\n")
 
     def acc(m: float, drop: float) -> dict[str, float]:
         return {"mAP50-95": m, "mAP50": m + 0.2, "precision": 0.8, "recall": 0.8, "drop_vs_fp32": drop}
@@ -156,6 +157,9 @@ def test_tables_winner_and_devices(stage_outputs: dict[str, Path]) -> None:
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and img is not None and min(img.shape[:2]) > 200, name
     md = rp.render_markdown(r, *_params(), "plots")
     assert "**Winner: INT8 ONNX (chosen)**" in md and "| pi1 | int8 |" in md and "plots/latency_cdf.png" in md
+    # The candidate table: both splits' drops with their bootstrap intervals.
+    assert "| rr_minmax | 0.6379 | 0.0035 [-0.0010, 0.0080] | 0.3460 | 0.0040 [0.0001, 0.0079] | 7.56 |" in md
+    assert "| fp32 | 0.6414 | 0.0000 | 0.3500 | 0.0000 | 10.61 |" in md
 
 
 def test_no_variant_within_gate_and_no_devices(stage_outputs: dict[str, Path]) -> None:
