@@ -70,6 +70,16 @@ class CandidateResult:
         return max(self.drop, self.drop_camera) if self.drop_camera is not None else self.drop
 
 
+@dataclass(frozen=True)
+class _SplitScore:
+    """One candidate on one split: its accuracy and its drop vs FP32 (with the drop's interval)."""
+
+    map50_95: float
+    map50: float
+    drop: float
+    ci: tuple[float, float] | None
+
+
 # ------------------------------------------------------------------------------------------
 # The stage
 # ------------------------------------------------------------------------------------------
@@ -123,34 +133,31 @@ def quantize(model_path: Path, calib_dir: Path, dataset_dir: Path, outs: dict[st
         set_metadata(fp32, meta)
         fp32_session = onnx_session(model_path, base.threads)
         fp32_stats = image_stats(fp32_session, items, names)[0]
-        fp32_acc = accuracy_from_stats(fp32_stats, names)
         fp32_cam_stats = image_stats(fp32_session, cam_items, names)[0] if cam_items else []
+        fp32_map = accuracy_from_stats(fp32_stats, names).map50_95
         fp32_cam = accuracy_from_stats(fp32_cam_stats, names).map50_95 if cam_items else None
-        print(f"quantize: FP32 mAP50-95 {fp32_acc.map50_95:.4f} on {len(items)} {p.eval_split} images"
+        print(f"quantize: FP32 mAP50-95 {fp32_map:.4f} on {len(items)} {p.eval_split} images"
               + (f", {fp32_cam:.4f} on {len(cam_items)} camera images" if cam_items else ""), flush=True)
 
-        built: dict[str, bytes] = {}
-        accs = {}
-        cam_maps: dict[str, float] = {}
-        cis: dict[str, tuple[tuple[float, float] | None, tuple[float, float] | None]] = {}
+        def score(session: Any, split: Sequence[Any], ref: Sequence[ImageStats], ref_map: float) -> _SplitScore:
+            stats = image_stats(session, split, names)[0]
+            acc = accuracy_from_stats(stats, names)
+            return _SplitScore(acc.map50_95, acc.map50, ref_map - acc.map50_95,
+                               drop_interval(ref, stats, names, p.bootstrap_resamples, base.seed))
+
+        built: dict[str, tuple[bytes, _SplitScore, _SplitScore | None]] = {}
         for c in p.candidates:
             t0 = time.monotonic()
-            built[c.name] = build_candidate(fp32, c, calib, work)
-            session = onnx_session(built[c.name], base.threads)
-            stats = image_stats(session, items, names)[0]
-            accs[c.name] = accuracy_from_stats(stats, names)
-            line = f"drop {fp32_acc.map50_95 - accs[c.name].map50_95:+.4f}"
-            cam_ci = None
-            if fp32_cam is not None:
-                cam_stats = image_stats(session, cam_items, names)[0]
-                cam_maps[c.name] = accuracy_from_stats(cam_stats, names).map50_95
-                line += f"; camera {cam_maps[c.name]:.4f}, drop {fp32_cam - cam_maps[c.name]:+.4f}"
-                cam_ci = drop_interval(fp32_cam_stats, cam_stats, names, p.bootstrap_resamples, base.seed)
-            cis[c.name] = (drop_interval(fp32_stats, stats, names, p.bootstrap_resamples, base.seed), cam_ci)
-            print(f"quantize: {c.name:<24} mAP50-95 {accs[c.name].map50_95:.4f} ({line}) built+evaluated in "
+            model = build_candidate(fp32, c, calib, work)
+            session = onnx_session(model, base.threads)
+            val = score(session, items, fp32_stats, fp32_map)
+            cam = score(session, cam_items, fp32_cam_stats, fp32_cam) if fp32_cam is not None else None
+            built[c.name] = (model, val, cam)
+            line = f"drop {val.drop:+.4f}" + (f"; camera {cam.map50_95:.4f}, drop {cam.drop:+.4f}" if cam else "")
+            print(f"quantize: {c.name:<24} mAP50-95 {val.map50_95:.4f} ({line}) built+evaluated in "
                   f"{time.monotonic() - t0:.0f}s", flush=True)
 
-        sessions = {"fp32": fp32_session, **{n: onnx_session(b, base.threads) for n, b in built.items()}}
+        sessions = {"fp32": fp32_session, **{n: onnx_session(b[0], base.threads) for n, b in built.items()}}
         inputs = [calib[i] [None] for i in range(min(8, len(calib)))]
         decode = {name: decoder(s, len(names), p.latency_conf, p.latency_iou, p.latency_max_det)
                   for name, s in sessions.items()}
@@ -159,15 +166,15 @@ def quantize(model_path: Path, calib_dir: Path, dataset_dir: Path, outs: dict[st
         rows = []
         for c in p.candidates:
             ms, spread = latency[c.name]
+            model, val, cam = built[c.name]
             row = CandidateResult(
-                c.name, describe(c), accs[c.name].map50_95, accs[c.name].map50, fp32_acc.map50_95 - accs[c.name].map50_95,
-                ms, spread, fp32_ms / ms, len(built[c.name]), False, built[c.name],
-                cam_maps.get(c.name), fp32_cam - cam_maps[c.name] if fp32_cam is not None else None, *cis[c.name])
+                c.name, describe(c), val.map50_95, val.map50, val.drop, ms, spread, fp32_ms / ms, len(model), False,
+                model, cam.map50_95 if cam else None, cam.drop if cam else None, val.ci, cam.ci if cam else None)
             row.passed = row.worst_drop <= p.max_map_drop
             rows.append(row)
-        table = candidates_csv(rows, fp32_acc.map50_95, fp32_ms, model_path.stat().st_size, fp32_cam)
+        table = candidates_csv(rows, fp32_map, fp32_ms, model_path.stat().st_size, fp32_cam)
         atomic_write_text(outs["candidates"], table)
-        chosen = accuracy_gate(rows, p.max_map_drop, fp32_acc.map50_95, table, p.latency_tie)
+        chosen = accuracy_gate(rows, p.max_map_drop, fp32_map, table, p.latency_tie)
         chosen_model = onnx.load_from_string(chosen.model)
         set_metadata(chosen_model, {"fp32_sha256": sha256_file(model_path),
                                     "calibration_set": calib_dir.name})
@@ -177,7 +184,7 @@ def quantize(model_path: Path, calib_dir: Path, dataset_dir: Path, outs: dict[st
         atomic_write_bytes(outs["trt"], trt)
         dyn = build_dynamic(pre, work)
         atomic_write_bytes(outs["dynamic"], dyn)
-    return QuantizeResult(fp32_acc.map50_95, fp32_ms, model_path.stat().st_size, rows, chosen, len(trt), len(dyn),
+    return QuantizeResult(fp32_map, fp32_ms, model_path.stat().st_size, rows, chosen, len(trt), len(dyn),
                           fp32_cam, camera_skipped)
 
 
@@ -208,9 +215,10 @@ def accuracy_gate(rows: Sequence[CandidateResult], max_map_drop: float, fp32_map
     """The fastest candidate whose drop (the worse of val and camera split) is within `max_map_drop`;
     else AccuracyGateError with the table.
 
-    Candidates within `latency_tie` (a fraction) of the fastest passing one count as equally fast
-    (latency on a shared CPU moves by a few percent run to run) and the most accurate of them wins,
-    then the smallest: otherwise the pick between near-twins would be decided by noise.
+    Candidates the measurement cannot tell apart from the fastest passing one count as equally fast,
+    and the most accurate of them wins, then the smallest: otherwise the pick between near-twins
+    would be decided by noise. "Cannot tell apart": within `latency_tie` (a fraction) of it, or
+    their ranges of round medians (latency ± half the spread) overlap.
     """
     passed = [r for r in rows if r.worst_drop <= max_map_drop]
     if not passed:
@@ -221,8 +229,10 @@ def accuracy_gate(rows: Sequence[CandidateResult], max_map_drop: float, fp32_map
             f"drops: {drops}\n{table}{gate_verdict(rows, max_map_drop)}Relax max_map_drop, add candidates "
             "(Percentile calibration, more float_layers, fewer op_types) or use a larger calibration set in params.yaml"
         )
-    fastest = min(r.latency_ms for r in passed)
-    tied = [r for r in passed if r.latency_ms <= fastest * (1.0 + latency_tie)]
+    fastest = min(passed, key=lambda r: r.latency_ms)
+    fastest_high = fastest.latency_ms + fastest.latency_spread_ms / 2
+    tied = [r for r in passed if r.latency_ms <= fastest.latency_ms * (1.0 + latency_tie)
+            or r.latency_ms - r.latency_spread_ms / 2 <= fastest_high]
     # Equal accuracy too (e.g. the QDQ and QOperator forms of one configuration score the same to
     # the last digit): the smaller file, which does not depend on timing noise; latency last.
     return min(tied, key=lambda r: (round(r.worst_drop, 6), r.size_bytes, r.latency_ms))

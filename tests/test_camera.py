@@ -16,7 +16,7 @@ from support import tiny_params
 from pipeline import camera
 from pipeline.dataset import DatasetError, dataset_yaml, validate_label_text
 from pipeline.params import BaseParams, CameraParams, DataParams, build
-from pipeline.synthetic import CLASS_NAMES, GeneratorConfig, image_rng, render_image
+from pipeline.synthetic import CLASS_NAMES, image_rng, render_image
 
 
 def _params(repo_params: dict[str, Any], **camera_overrides: Any) -> tuple[CameraParams, DataParams, BaseParams]:

@@ -89,9 +89,13 @@ def test_gate_fails_with_every_drop() -> None:
     assert accuracy_gate(rows, 0.015, 0.412, "").name == "a"  # b is faster but fails
     assert accuracy_gate(rows, 0.05, 0.412, "").name == "b"  # both pass: the fastest wins
     # Within the latency tie (10%: 8.0 vs 8.6 ms) the more accurate wins; outside it, the fastest.
-    rows.append(CandidateResult("c", "cfg c", 0.405, 0.6, 0.007, 8.6, 1.0, 2.3, 100, False))
+    rows.append(CandidateResult("c", "cfg c", 0.405, 0.6, 0.007, 8.6, 0.1, 2.3, 100, False))
     assert accuracy_gate(rows, 0.05, 0.412, "", latency_tie=0.10).name == "c"
     assert accuracy_gate(rows, 0.05, 0.412, "", latency_tie=0.05).name == "b"
+    # Outside latency_tie but inside the measurement's own spread (8.6 - 0.5 <= 8.0 + 0.5): tied.
+    rows[-1].latency_spread_ms = 1.0
+    assert accuracy_gate(rows, 0.05, 0.412, "", latency_tie=0.0).name == "c"
+    rows[-1].latency_spread_ms = 0.1
     assert accuracy_gate(rows, 0.05, 0.412, "").name == "b"
 
 
@@ -99,7 +103,7 @@ def test_gate_holds_the_camera_split_too() -> None:
     """A candidate that is fine on val but loses more than max_map_drop on camera frames fails."""
     fine_on_val = CandidateResult("asym", "cfg", 0.41, 0.6, 0.001, 8.0, 1.0, 2.5, 100, False,
                                   map50_95_camera=0.30, drop_camera=0.017)
-    both_ok = CandidateResult("sym", "cfg", 0.41, 0.6, 0.002, 8.3, 1.0, 2.4, 100, False,
+    both_ok = CandidateResult("sym", "cfg", 0.41, 0.6, 0.002, 8.3, 0.1, 2.4, 100, False,
                               map50_95_camera=0.315, drop_camera=0.001)
     assert fine_on_val.worst_drop == 0.017 and both_ok.worst_drop == 0.002
     assert accuracy_gate([fine_on_val, both_ok], 0.005, 0.412, "").name == "sym"
@@ -110,10 +114,13 @@ def test_gate_holds_the_camera_split_too() -> None:
                                  map50_95_camera=0.31, drop_camera=0.004)
     assert accuracy_gate([better_val, both_ok], 0.005, 0.412, "", latency_tie=0.05).name == "sym"
     # Equally accurate twins (QDQ vs QOperator of one configuration): the smaller file, whatever the timing.
-    qop = CandidateResult("sym_qop", "cfg", 0.41, 0.6, 0.002, 8.5, 1.0, 2.3, 90, False,
+    qop = CandidateResult("sym_qop", "cfg", 0.41, 0.6, 0.002, 8.5, 0.1, 2.3, 90, False,
                           map50_95_camera=0.315, drop_camera=0.001)
     assert accuracy_gate([both_ok, qop], 0.005, 0.412, "", latency_tie=0.05).name == "sym_qop"
     assert accuracy_gate([both_ok, qop], 0.005, 0.412, "", latency_tie=0.01).name == "sym"  # 8.5 ms: not tied
+    # The twins' round medians overlapping (spreads of 1 ms) is a tie whatever latency_tie says.
+    both_ok.latency_spread_ms = qop.latency_spread_ms = 1.0
+    assert accuracy_gate([both_ok, qop], 0.005, 0.412, "", latency_tie=0.0).name == "sym_qop"
 
 
 def test_quantize_gates_on_the_camera_split(tmp_path: Path, tiny_model: dict[str, Path],

@@ -21,7 +21,7 @@ import os
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 from pipeline import paths
 from pipeline.device.fileio import atomic_write_json, sha256_file
