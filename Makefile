@@ -39,4 +39,4 @@ test-fast: bootstrap
 ## params.yaml `repro_check` (README, "How reproducibility is checked"). Non-zero exit on a difference.
 ## REPRO_CHECK_ARGS passes options, e.g. `make repro-check REPRO_CHECK_ARGS="--stages data --from-head"`.
 repro-check: bootstrap
-	source $(VENV)/activate && python -m pipeline.repro_check $(REPRO_CHECK_ARGS)
+	source $(VENV)/activate && python -m pipeline.tools.repro_check $(REPRO_CHECK_ARGS)

@@ -20,7 +20,7 @@ from pipeline.fleet import runner
 from pipeline.fleet.artifacts import ArtifactError
 from pipeline.fleet.inventory import InventoryError, load_inventory
 from pipeline.fleet.results import format_table
-from pipeline.tracking import TrackingServerUnreachable
+from pipeline.tracking.mlflow_runs import TrackingServerUnreachable
 
 
 def _inventory(path: str | None):

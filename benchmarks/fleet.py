@@ -54,7 +54,7 @@ def tiny_model(root: Path) -> tuple[Path, Path]:
     """Build a tiny model with the real stages (tests/conftest.py's recipe); return (models, val)."""
     import yaml
 
-    from pipeline import data, export, train
+    from pipeline.stages import data, export, train
 
     tiny_params = _load(REPO / "tests" / "conftest.py", "root_conftest").tiny_params
     root.mkdir(parents=True, exist_ok=True)
@@ -112,7 +112,7 @@ def device_work_only(deploy_dirs: list[Path], python: str) -> float:
         cwd = d / "runtime" / runtime
         for verb, extra in (("health", []), ("bench", ["--out", str(d / "results" / "floor.json"), "--warmup", "1",
                                                        "--iterations", "3"])):
-            p = subprocess.run([python, "-m", "pipeline.device", verb, "--release", str(release), *extra], cwd=cwd,
+            p = subprocess.run([python, "-m", "edge_runtime", verb, "--release", str(release), *extra], cwd=cwd,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             if p.returncode != 0:
                 raise RuntimeError(f"{verb} on {d}: {p.stderr.strip()[-300:]}")
@@ -165,7 +165,7 @@ def main() -> None:
         if not (models / "yolov8n.onnx").is_file() or not samples.is_dir():
             print("models/yolov8n.onnx or the val images missing: building a tiny model first ...", flush=True)
             models, samples = tiny_model(tmp / "tiny")
-        sources = Sources(models_dir=models, samples_dir=samples, runtime_root=REPO)
+        sources = Sources(models_dir=models, samples_dir=samples, runtime_root=REPO / "runtime")
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'bench-mlflow.db'}"
         key = fixture.keygen(tmp / "id_ed25519")
         (tmp / "fleet").mkdir()

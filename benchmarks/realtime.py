@@ -5,7 +5,7 @@
 Three measurements with the same model, backend settings and frame size:
 
 1. inference only: `Detector.detect` (preprocess + infer + postprocess) in a loop on one thread;
-2. the real-time loop (`pipeline.device.realtime`): capture, infer and handle threads joined by
+2. the real-time loop (`edge_runtime.realtime`): capture, infer and handle threads joined by
    size-one slots, fed by a synthetic camera that outruns the model (default 1.5x the
    inference-only FPS), so the loop is inference-bound;
 3. the same loop with a naive unbounded FIFO between capture and inference.
@@ -32,12 +32,12 @@ from typing import Any, Dict, List, Optional
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.device.backends import OrtBackend  # noqa: E402
-from pipeline.device.manifest import OrtSettings  # noqa: E402
-from pipeline.device.postprocess import spec_from_metadata  # noqa: E402
-from pipeline.device.realtime import LatestSlot, RealtimeLoop, SyntheticSource, UnboundedQueue  # noqa: E402
-from pipeline.device.release import model_class_names  # noqa: E402
-from pipeline.device.runtime import Detector  # noqa: E402
+from edge_runtime.backends import OrtBackend  # noqa: E402
+from edge_runtime.manifest import OrtSettings  # noqa: E402
+from edge_runtime.postprocess import spec_from_metadata  # noqa: E402
+from edge_runtime.realtime import LatestSlot, RealtimeLoop, SyntheticSource, UnboundedQueue  # noqa: E402
+from edge_runtime.release import model_class_names  # noqa: E402
+from edge_runtime.detector import Detector  # noqa: E402
 
 FRAME_W, FRAME_H = 640, 480
 
@@ -46,7 +46,7 @@ def build_tiny_model(work: Path) -> Path:
     """Data -> train (1 epoch, 64 px) -> export through the real stages, like tests/conftest.py."""
     import yaml
 
-    from pipeline import data, export, train
+    from pipeline.stages import data, export, train
 
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_CONFIG_DIR", str(work / "yolo"))

@@ -42,12 +42,13 @@ if [[ ${#apt_packages[@]} -gt 0 ]]; then
 fi
 
 [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
-stamp=.venv/.bootstrap-$(sha256sum pyproject.toml | cut -c1-16)
+stamp=.venv/.bootstrap-$(cat pyproject.toml runtime/pyproject.toml | sha256sum | cut -c1-16)
 if [[ ! -f "$stamp" ]]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # torch/torchvision are pinned in pyproject.toml to the CPU-capable builds this machine
   # class has on disk; a newer torch would be a multi-GB download.
-  .venv/bin/python -m pip install -q -e '.[test]'
+  # The device runtime first-class beside the workstation package, which depends on it.
+  .venv/bin/python -m pip install -q -e ./runtime -e '.[test,lint]'
   rm -f .venv/.bootstrap-*
   touch "$stamp"
 fi

@@ -77,7 +77,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """
     import os
 
-    from pipeline import data, export, train
+    from pipeline.stages import data, export, train
 
     root = tmp_path_factory.mktemp("tiny_model")
     os.environ.setdefault("YOLO_CONFIG_DIR", str(root / "yolo"))
@@ -99,7 +99,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def quantized(tiny_model: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny model carried through the real camera, calibrate and quantize stages (about 20 s)."""
-    from pipeline import calibrate, camera, quantize
+    from pipeline.stages import calibrate, camera, quantize
 
     root = tmp_path_factory.mktemp("quantized")
     params = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()))

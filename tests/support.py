@@ -14,7 +14,7 @@ from typing import Iterator
 
 # One copy of the tiny settings, owned by the reproducibility check (which shrinks params the same
 # way); re-exported here for the tests.
-from pipeline.repro_check import tiny_params  # noqa: F401  (re-exported)
+from pipeline.tools.repro_check import tiny_params  # noqa: F401  (re-exported)
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from support import tiny_params
-from pipeline import benchmark as bm
-from pipeline.calibration_io import calibration_frame_paths, load_calibration_tensors, rebuild_calibration_tensors
-from pipeline.device.runtime import StageTimes
-from pipeline.params import BaseParams, BenchmarkParams, ExportParams, QuantizeParams, build, load_params
+from pipeline.stages import benchmark as bm
+from pipeline.onnx_models.calibration_sets import calibration_frame_paths, load_calibration_tensors, rebuild_calibration_tensors
+from edge_runtime.detector import StageTimes
+from pipeline.config.params import BaseParams, BenchmarkParams, ExportParams, QuantizeParams, build, load_params
 
 F = Path("params.yaml")
 

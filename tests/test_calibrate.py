@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 from support import tiny_params
-from pipeline import calibrate, camera
-from pipeline.calibrate import CalibrationError
-from pipeline.dataset import DatasetError, dataset_yaml
-from pipeline.device import preprocess
-from pipeline.device.fileio import sha256_file
-from pipeline.params import BaseParams, CalibrateParams, CameraParams, DataParams, ExportParams, build
-from pipeline.synthetic import CLASS_NAMES, image_rng, render_image
+from pipeline.stages import calibrate, camera
+from pipeline.stages.calibrate import CalibrationError
+from pipeline.imagesets.yolo import DatasetError, dataset_yaml
+from edge_runtime import preprocess
+from edge_runtime.fileio import sha256_file
+from pipeline.config.params import BaseParams, CalibrateParams, CameraParams, DataParams, ExportParams, build
+from pipeline.imagesets.synthetic import CLASS_NAMES, image_rng, render_image
 
 F = Path("params.yaml")
 

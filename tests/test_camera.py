@@ -13,10 +13,10 @@ import pytest
 import yaml
 
 from support import tiny_params
-from pipeline import camera
-from pipeline.dataset import DatasetError, dataset_yaml, validate_label_text
-from pipeline.params import BaseParams, CameraParams, DataParams, build
-from pipeline.synthetic import CLASS_NAMES, image_rng, render_image
+from pipeline.stages import camera
+from pipeline.imagesets.yolo import DatasetError, dataset_yaml, validate_label_text
+from pipeline.config.params import BaseParams, CameraParams, DataParams, build
+from pipeline.imagesets.synthetic import CLASS_NAMES, image_rng, render_image
 
 
 def _params(repo_params: dict[str, Any], **camera_overrides: Any) -> tuple[CameraParams, DataParams, BaseParams]:

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from support import tiny_params
-from pipeline import data
-from pipeline.dataset import DatasetError
+from pipeline.stages import data
+from pipeline.imagesets.yolo import DatasetError
 
 
 def _run(tmp_path: Path, params_path: Path, out: str = "defects") -> tuple[Path, Path]:

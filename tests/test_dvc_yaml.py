@@ -16,18 +16,31 @@ STAGES = DVC["stages"]
 
 
 def _module_file(name: str) -> Path:
-    return REPO / (name.replace(".", "/") + ".py")
+    """The source file of a workstation (`pipeline.*`) or device-runtime (`edge_runtime.*`) module."""
+    base = REPO / "runtime" if name.split(".")[0] == "edge_runtime" else REPO
+    return base / (name.replace(".", "/") + ".py")
+
+
+def _absolute(node: ast.ImportFrom, path: Path) -> str:
+    """The absolute module name of an import-from, resolving `from .x import y` inside a package."""
+    if not node.level:
+        return node.module or ""
+    package = path.parent.relative_to(REPO / "runtime" if "runtime" in path.parts else REPO).parts
+    package = package[: len(package) - node.level + 1]
+    return ".".join([*package, *([node.module] if node.module else [])])
 
 
 def _pipeline_imports(path: Path, seen: set[Path]) -> set[Path]:
-    """Every pipeline module `path` imports, transitively (static: import statements only)."""
+    """Every pipeline or runtime module `path` imports, transitively (static: import statements only)."""
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
         names: list[str] = []
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"):
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        if isinstance(node, ast.ImportFrom):
+            module = _absolute(node, path)
+            if module.startswith(("pipeline", "edge_runtime")):
+                names = [module] + [f"{module}.{a.name}" for a in node.names]
         elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names if a.name.startswith("pipeline")]
+            names = [a.name for a in node.names if a.name.startswith(("pipeline", "edge_runtime"))]
         for name in names:
             f = _module_file(name)
             if f.is_file() and f not in seen:
@@ -39,8 +52,8 @@ def _pipeline_imports(path: Path, seen: set[Path]) -> set[Path]:
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_stage_deps_cover_imports(stage: str) -> None:
     spec = STAGES[stage]
-    assert spec["cmd"] == f"python -m pipeline.{stage}"
-    module = _module_file(f"pipeline.{stage}")
+    assert spec["cmd"] == f"python -m pipeline.stages.{stage}"
+    module = _module_file(f"pipeline.stages.{stage}")
     needed = {p.relative_to(REPO).as_posix() for p in _pipeline_imports(module, {module})}
     declared = set(spec["deps"])
     assert needed <= declared, f"stage {stage} imports but does not declare: {sorted(needed - declared)}"
@@ -60,11 +73,11 @@ def _declared_paths(spec: dict) -> set[str]:
 def test_cli_defaults_match_declared_paths(stage: str) -> None:
     """Each CLI default (except --params) is a declared dep or out; each out is a CLI default."""
     spec = STAGES[stage]
-    mod = importlib.import_module(f"pipeline.{stage}")
+    mod = importlib.import_module(f"pipeline.stages.{stage}")
     args = vars(mod.parse_args([]))
     defaults = {Path(v).as_posix() for k, v in args.items() if k != "params"}
     outs = _declared_paths(spec)
-    deps = {d for d in spec["deps"] if not d.startswith("pipeline/")}
+    deps = {d for d in spec["deps"] if not d.startswith(("pipeline/", "runtime/"))}
     dataset_dirs = {Path(d).parent.as_posix() for d in defaults}  # a yaml inside a declared dir
     # An out is a CLI default, or a file in a CLI-default folder (report --tables: its CSVs + summary).
     unwritten = {o for o in outs if o not in defaults and Path(o).parent.as_posix() not in defaults}

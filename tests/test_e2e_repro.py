@@ -4,7 +4,7 @@ Real DVC, real Ultralytics training (1 epoch, 64 px), real ONNX export and parit
 MLflow (a SQLite store in the workspace). Checks: every declared output exists; one MLflow run per
 stage execution and no stray Ultralytics run; `dvc status` is clean; a second `dvc repro` runs
 nothing. Whether a second run *from clean* reproduces the first is the reproducibility check's job
-(`make repro-check`, `pipeline/repro_check.py`, run by CI after the tests): it runs the pipeline
+(`make repro-check`, `pipeline/tools/repro_check.py`, run by CI after the tests): it runs the pipeline
 twice in fresh workspaces, so this test does not run it a second time (CI time).
 
 The workspace is built by the check's own `prepare_workspace` (the working tree, tiny params, a
@@ -21,7 +21,7 @@ import mlflow
 import pytest
 import yaml
 
-from pipeline.repro_check import prepare_workspace, run_env
+from pipeline.tools.repro_check import prepare_workspace, run_env
 from support import REPO
 
 pytestmark = pytest.mark.slow
@@ -97,7 +97,7 @@ def test_outputs_and_metrics(repo: Path, first_repro: str) -> None:
 def test_onnx_metadata(repo: Path, first_repro: str) -> None:
     import onnx
 
-    from pipeline.device.fileio import sha256_file
+    from edge_runtime.fileio import sha256_file
 
     meta = {p.key: p.value for p in onnx.load(str(repo / "models/yolov8n.onnx")).metadata_props}
     assert meta["source_weights_sha256"] == sha256_file(repo / "models/yolov8n.pt")
@@ -125,7 +125,7 @@ def test_one_mlflow_run_per_stage(repo: Path, first_repro: str, env: dict[str, s
 
 def test_lineage_tags_consistent_across_stages(repo: Path, first_repro: str, env: dict[str, str]) -> None:
     """Every stage run names what it consumed/produced by sha256, and the values agree across stages."""
-    from pipeline.tracking import walk_lineage
+    from pipeline.tracking.mlflow_runs import walk_lineage
 
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
     runs = {r.data.tags["stage"]: r.data.tags for e in client.search_experiments()

@@ -22,9 +22,9 @@ import pytest
 import yaml
 
 from support import REPO, tiny_params
-from pipeline import evaluate as ev
-from pipeline.evaluation import Accuracy, evaluate_session, load_split, onnx_session
-from pipeline.params import EvaluateParams, QuantizeParams, build
+from pipeline.stages import evaluate as ev
+from pipeline.accuracy.mean_ap import Accuracy, evaluate_session, load_split, onnx_session
+from pipeline.config.params import EvaluateParams, QuantizeParams, build
 
 F = Path("params.yaml")
 
@@ -53,7 +53,7 @@ def _inputs(q: dict[str, Path], camera: Path | None = None) -> ev.EvaluateInputs
 
 
 def _params(path: Path) -> tuple[EvaluateParams, QuantizeParams, Any]:
-    from pipeline.params import BaseParams, load_params
+    from pipeline.config.params import BaseParams, load_params
 
     return (load_params("evaluate", EvaluateParams, path), load_params("quantize", QuantizeParams, path),
             load_params("base", BaseParams, path))
@@ -272,7 +272,7 @@ def test_paired_bootstrap_map_interval() -> None:
     """Identical models differ by exactly 0; a model that misses half the objects is clearly worse."""
     import numpy as np
 
-    from pipeline.evaluation import paired_bootstrap_map
+    from pipeline.accuracy.mean_ap import paired_bootstrap_map
 
     rng = np.random.default_rng(1)
     good, worse = [], []

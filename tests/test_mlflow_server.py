@@ -1,7 +1,7 @@
 """Stages against a real MLflow tracking server (`mlflow server`, SQLite backend, proxied artifacts).
 
 The local default (a SQLite file) is covered by test_tracking.py; here the same conventions must
-hold over HTTP: a stage run as a user runs it (`python -m pipeline.data`, a subprocess) logs its
+hold over HTTP: a stage run as a user runs it (`python -m pipeline.stages.data`, a subprocess) logs its
 lineage tags, params and metrics to the server, artifacts uploaded through the server land in
 its artifact root, and an unreachable server fails the stage at once with a message that says
 what to do.
@@ -20,8 +20,8 @@ import mlflow
 import pytest
 import yaml
 
-from pipeline import tracking
-from pipeline.params import BaseParams, DataParams, load_params, params_hash
+from pipeline.tracking import mlflow_runs as tracking
+from pipeline.config.params import BaseParams, DataParams, load_params, params_hash
 from support import REPO, tiny_params
 
 # Registers the session-scoped `mlflow_server` fixture once for all modules that name it. The
@@ -46,7 +46,7 @@ def _run_data_stage(tmp_path: Path, params: dict[str, Any], env: dict[str, str])
     params_path = tmp_path / "params.yaml"
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     # Run from the repository (its git commit is the lineage tag) but write only into tmp_path.
-    cmd = [sys.executable, "-m", "pipeline.data", "--out", str(tmp_path / "defects"),
+    cmd = [sys.executable, "-m", "pipeline.stages.data", "--out", str(tmp_path / "defects"),
            "--metrics", str(tmp_path / "metrics.json"), "--params", str(params_path)]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=STAGE_TIMEOUT_S)
 

@@ -15,13 +15,13 @@ import pytest
 import yaml
 
 from support import REPO, tiny_params
-from pipeline.calibration_io import load_calibration_tensors
-from pipeline.dataset import decode_image, iter_split_files
-from pipeline.device.preprocess import letterbox, to_tensor
-from pipeline.evaluation import onnx_session
-from pipeline.params import QuantizeParams, build
-from pipeline.quantize import AccuracyGateError, CandidateResult, accuracy_gate, quantize
-from pipeline.params import BaseParams
+from pipeline.onnx_models.calibration_sets import load_calibration_tensors
+from pipeline.imagesets.yolo import decode_image, iter_split_files
+from edge_runtime.preprocess import letterbox, to_tensor
+from pipeline.accuracy.mean_ap import onnx_session
+from pipeline.config.params import QuantizeParams, build
+from pipeline.stages.quantize import AccuracyGateError, CandidateResult, accuracy_gate, quantize
+from pipeline.config.params import BaseParams
 
 
 def _calibration(tmp: Path, dataset: Path, imgsz: int) -> Path:

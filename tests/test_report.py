@@ -16,8 +16,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline import report as rp
-from pipeline.params import QuantizeParams, ReportParams, load_params
+from pipeline.stages import report as rp
+from pipeline.config.params import QuantizeParams, ReportParams, load_params
 
 CLASSES = ("crazing", "scratches")
 
@@ -51,7 +51,7 @@ def stage_outputs(tmp_path: Path) -> dict[str, Path]:
     for name, content in (("yolov8n.onnx", b"fp32"), ("yolov8n.int8.onnx", b"int8"),
                           ("yolov8n.int8.trt.onnx", b"trt"), ("yolov8n.dynamic.onnx", b"dyn")):
         (models / name).write_bytes(content)
-    from pipeline.device.fileio import sha256_file
+    from edge_runtime.fileio import sha256_file
 
     sha = {n: sha256_file(models / f) for n, f in (("fp32", "yolov8n.onnx"), ("int8", "yolov8n.int8.onnx"),
                                                   ("dynamic", "yolov8n.dynamic.onnx"))}
@@ -119,7 +119,7 @@ def _params() -> tuple[ReportParams, QuantizeParams]:
 
 
 def test_tables_winner_and_devices(stage_outputs: dict[str, Path]) -> None:
-    from pipeline.device.fileio import sha256_file
+    from edge_runtime.fileio import sha256_file
 
     fleet = stage_outputs["reports"] / "fleet"
     int8_sha = sha256_file(stage_outputs["models"] / "yolov8n.int8.onnx")
@@ -187,8 +187,8 @@ def test_missing_or_corrupt_inputs_name_the_stage(stage_outputs: dict[str, Path]
 def test_main_writes_outputs_and_mlflow_summary_run(stage_outputs: dict[str, Path]) -> None:
     import mlflow
 
-    from pipeline.device.fileio import sha256_file
-    from pipeline.tracking import experiment_name, tracking_uri
+    from edge_runtime.fileio import sha256_file
+    from pipeline.tracking.mlflow_runs import experiment_name, tracking_uri
 
     rep = stage_outputs["reports"]
     rp.main(_args(stage_outputs))

@@ -1,4 +1,4 @@
-"""The reproducibility check (pipeline/repro_check.py).
+"""The reproducibility check (pipeline/tools/repro_check.py).
 
 Fast tests: the comparison rules on small hand-made workspaces (a dvc.yaml, a dvc.lock whose hashes
 are the md5 of the files written next to it, metrics JSON), the params section, and how a
@@ -20,9 +20,9 @@ import pytest
 import yaml
 
 import support
-from pipeline import repro_check
-from pipeline.params import MetricTolerance, ReproCheckParams, load_params
-from pipeline.repro_check import (EXIT_DIFFERENT, EXIT_ERROR, EXIT_OK, compare_metrics, compare_runs, downstream,
+from pipeline.tools import repro_check
+from pipeline.config.params import MetricTolerance, ReproCheckParams, load_params
+from pipeline.tools.repro_check import (EXIT_DIFFERENT, EXIT_ERROR, EXIT_OK, compare_metrics, compare_runs, downstream,
                                   flatten_metrics, main, prepare_workspace, within)
 from support import REPO, copy_repo
 
@@ -326,8 +326,8 @@ def test_source_must_be_a_git_repository(tmp_path: Path) -> None:
 
 
 def _check_data_stage(src: Path, tmp: Path) -> subprocess.CompletedProcess[str]:
-    """`python -m pipeline.repro_check --source src --stages data`, in a subprocess like `make repro-check`."""
-    return subprocess.run([sys.executable, "-m", "pipeline.repro_check", "--source", str(src), "--stages", "data",
+    """`python -m pipeline.tools.repro_check --source src --stages data`, in a subprocess like `make repro-check`."""
+    return subprocess.run([sys.executable, "-m", "pipeline.tools.repro_check", "--source", str(src), "--stages", "data",
                            "--workdir", str(tmp)], capture_output=True, text=True, timeout=900)
 
 
@@ -343,7 +343,7 @@ def test_injected_nondeterminism_is_caught(tmp_path: Path) -> None:
 
     # Make the data stage random: it also writes 8 random bytes into its output folder.
     dvc_yaml = yaml.safe_load((src / "dvc.yaml").read_text())
-    dvc_yaml["stages"]["data"]["cmd"] = ("python -m pipeline.data && python -c \"import os; "
+    dvc_yaml["stages"]["data"]["cmd"] = ("python -m pipeline.stages.data && python -c \"import os; "
                                          "open('data/defects/noise.bin', 'wb').write(os.urandom(8))\"")
     (src / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
     bad = _check_data_stage(src, tmp_path / "random")

@@ -7,9 +7,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from pipeline import tracking
-from pipeline.params import BaseParams, load_params
-from pipeline.paths import repo_root
+from pipeline.tracking import mlflow_runs as tracking
+from pipeline.config.params import BaseParams, load_params
+from pipeline.config.paths import repo_root
 
 
 def test_uri_defaults_to_repo_sqlite(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -50,9 +50,9 @@ def test_sanitize_metric_names() -> None:
 
 
 def test_lineage_tags_files_folders_and_bad_names(tmp_path: Path) -> None:
-    from pipeline.dataset import dataset_fingerprint
-    from pipeline.device.fileio import sha256_file
-    from pipeline.tracking import lineage_tags
+    from pipeline.imagesets.yolo import dataset_fingerprint
+    from edge_runtime.fileio import sha256_file
+    from pipeline.tracking.mlflow_runs import lineage_tags
 
     data = tmp_path / "defects"
     (data / "labels").mkdir(parents=True)
@@ -72,7 +72,7 @@ def test_walk_lineage_from_quantize_back_to_data(tmp_path: Path) -> None:
     """Stage runs linked only by their sha256 tags; the walk finds each producer, newest first."""
     import mlflow
 
-    from pipeline.tracking import lineage_tags, set_tags, stage_run, tracking_uri, walk_lineage
+    from pipeline.tracking.mlflow_runs import lineage_tags, set_tags, stage_run, tracking_uri, walk_lineage
 
     files = {}
     for name in ("weights", "onnx", "int8", "calib", "frames"):

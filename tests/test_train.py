@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
-from pipeline.params import TrainParams, load_params
-from pipeline.train import model_spec, normalize_checkpoint, write_epochs_csv
+from pipeline.config.params import TrainParams, load_params
+from pipeline.stages.train import model_spec, normalize_checkpoint, write_epochs_csv
 
 
 def test_silu_uses_the_model_param(tmp_path: Path) -> None:

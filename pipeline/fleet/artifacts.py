@@ -23,12 +23,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
-from pipeline import paths
-from pipeline.device.fileio import atomic_write_json, sha256_file
-from pipeline.device.manifest import (MANIFEST_NAME, FileEntry, Manifest, OrtSettings, PostprocessSettings,
+from pipeline.config import paths
+from edge_runtime.fileio import atomic_write_json, sha256_file
+from edge_runtime.manifest import (MANIFEST_NAME, FileEntry, Manifest, OrtSettings, PostprocessSettings,
                                       TensorRTSettings, ThermalSettings, Variant)
 from pipeline.fleet.inventory import SAFE_NAME, Host
 
+RUNTIME_PACKAGE = "edge_runtime"  # the import name the device runs: python -m edge_runtime
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 _hash_cache: dict[tuple[str, int, int], str] = {}
 
@@ -43,14 +44,14 @@ class Sources:
 
     models_dir: Path
     samples_dir: Path  # images for the health check (the val split)
-    runtime_root: Path  # folder holding pipeline/__init__.py and pipeline/device/
+    runtime_root: Path  # the device runtime's source tree (runtime/: pyproject.toml + edge_runtime/)
 
     @classmethod
     def default(cls) -> "Sources":
-        """The repository's own models/, data/defects/images/val and pipeline/."""
+        """The repository's own models/, data/defects/images/val and runtime/."""
         root = paths.repo_root()
         return cls(models_dir=root / paths.ONNX_MODEL.parent, samples_dir=root / paths.DATASET_DIR / "images" / "val",
-                   runtime_root=root)
+                   runtime_root=root / paths.RUNTIME_DIR)
 
 
 @dataclass(frozen=True)
@@ -88,14 +89,17 @@ def cached_sha256(path: Path) -> str:
 
 
 def runtime_bundle(runtime_root: Path) -> Bundle:
-    """The device runtime: exactly pipeline/__init__.py and pipeline/device/ (no caches)."""
-    pkg = runtime_root / "pipeline"
-    init = pkg / "__init__.py"
-    device = pkg / "device"
-    if not init.is_file() or not (device / "__init__.py").is_file():
-        raise ArtifactError(f"{device} is not a package; the device runtime must be at {runtime_root}/pipeline/device")
-    files = {"pipeline/__init__.py": init}
-    for path in sorted(device.rglob("*")):
+    """The device runtime's source tree: `pyproject.toml`, `README.md` and `edge_runtime/` (no caches).
+
+    Exactly the `edge-defect-runtime` distribution, so the device can run it in place
+    (`python -m edge_runtime` from that folder) or `pip install` it from there.
+    """
+    package = runtime_root / RUNTIME_PACKAGE
+    if not (runtime_root / "pyproject.toml").is_file() or not (package / "__init__.py").is_file():
+        raise ArtifactError(f"{runtime_root} is not the device runtime's source tree (pyproject.toml + "
+                            f"{RUNTIME_PACKAGE}/); pass the repository's runtime/ folder")
+    files = {name: runtime_root / name for name in ("pyproject.toml", "README.md") if (runtime_root / name).is_file()}
+    for path in sorted(package.rglob("*")):
         rel = path.relative_to(runtime_root).as_posix()
         if path.is_file() and "__pycache__" not in path.parts and not path.name.endswith((".pyc", ".pyo")):
             files[rel] = path
@@ -180,7 +184,7 @@ def source_lineage(model_sha256: str) -> dict[str, str]:
     """
     import mlflow  # lazy: costs seconds to import, needed once per deploy
 
-    from pipeline.tracking import LINEAGE_CARRIED, check_server_reachable, experiment_name, tracking_uri
+    from pipeline.tracking.mlflow_runs import LINEAGE_CARRIED, check_server_reachable, experiment_name, tracking_uri
 
     check_server_reachable(tracking_uri())  # a down server: a clear error now, not minutes of retries
     client = mlflow.MlflowClient(tracking_uri())

@@ -57,7 +57,7 @@ class Host:
     runtime: str  # onnxruntime | tensorrt
     precision: str  # int8 | fp16 | fp32
     deploy_dir: str  # absolute, or relative to the login's home (local: to the inventory file)
-    python: str  # the device's python (3.9+ with numpy, opencv, onnxruntime)
+    python: str  # the device's python (3.8+ with numpy, opencv, onnxruntime)
     ort_threads: int
     thermal_throttle_c: float
     thermal_resume_c: float

@@ -41,11 +41,11 @@ def _versions(doc: Mapping[str, Any]) -> dict[str, str]:
 def lineage_device_tags(source: Mapping[str, Any]) -> dict[str, str]:
     """The producing pipeline run's lineage (from the release manifest) as device-run tags.
 
-    The sha256 tags keep their names, so `pipeline.lineage` links a device run to the stage
+    The sha256 tags keep their names, so `pipeline.tools.lineage` links a device run to the stage
     runs; the producer's commit and params hash get a `pipeline_` prefix (the deploy run has
     its own `git_commit`: the workstation's checkout at deploy time).
     """
-    from pipeline.tracking import LINEAGE_PRODUCERS
+    from pipeline.tracking.mlflow_runs import LINEAGE_PRODUCERS
 
     tags = {k: str(v) for k, v in source.items() if k in LINEAGE_PRODUCERS and v}
     for key in ("git_commit", "params_hash", "pipeline_run", "source_stage", "model_file"):
@@ -87,7 +87,7 @@ def log_fleet_run(run: Any, hosts: Mapping[str, Host], models_dir: Path | None =
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
-    from pipeline.tracking import experiment_id, git_commit, sanitize_metric_name, tracking_uri
+    from pipeline.tracking.mlflow_runs import experiment_id, git_commit, sanitize_metric_name, tracking_uri
 
     exp = experiment_id()
     client = MlflowClient(tracking_uri())

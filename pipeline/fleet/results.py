@@ -111,7 +111,7 @@ def _flatten(doc: Any, prefix: str = "") -> dict[str, float]:
     return out
 
 
-# Headline metric -> its key in the device's bench JSON (pipeline/device/bench.py, flattened).
+# Headline metric -> its key in the device's bench JSON (runtime/edge_runtime/latency.py, flattened).
 HEADLINE_KEYS: dict[str, str] = {
     "latency_p50_ms": "latency_ms.p50",
     "latency_p95_ms": "latency_ms.p95",

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pipeline import paths
+from pipeline.config import paths
 from pipeline.fleet import steps
 from pipeline.fleet.artifacts import (ArtifactError, Release, Sources, build_release, cached_sha256,
                                       materialize_manifest, new_workdir, runtime_bundle, select_model_files,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.device.fileio import sha256_file
+from edge_runtime.fileio import sha256_file
 from pipeline.fleet.artifacts import Bundle
 from pipeline.fleet.inventory import Host
 from pipeline.fleet.remote import (DeviceRun, RemoteError, last_error_line, parse_json_output, run_device,

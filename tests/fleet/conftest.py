@@ -222,10 +222,10 @@ def make_int8(fp32: Path, dataset: Path, dest: Path) -> Path:
     import onnx
     import yaml
 
-    from pipeline.dataset import decode_image, iter_split_files
-    from pipeline.device.preprocess import letterbox, to_tensor
-    from pipeline.int8 import build_candidate
-    from pipeline.params import QuantizeParams, build
+    from pipeline.imagesets.yolo import decode_image, iter_split_files
+    from edge_runtime.preprocess import letterbox, to_tensor
+    from pipeline.onnx_models.int8_candidates import build_candidate
+    from pipeline.config.params import QuantizeParams, build
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())["quantize"]
     candidate = build(QuantizeParams, raw, "quantize", REPO / "params.yaml").candidates[0]
@@ -269,5 +269,5 @@ def fleet_models(tiny_model: dict[str, Path], tmp_path_factory: pytest.TempPathF
     # INT8 models as the quantize stage writes them (the committed inventory's local group is int8).
     make_int8(tiny_model["onnx"], tiny_model["dataset"], models / "yolov8n.int8.onnx")
     make_variant(models / "yolov8n.int8.onnx", models / "alt.int8.onnx", "alt")
-    sources = Sources(models_dir=models, samples_dir=tiny_model["dataset"] / "images" / "val", runtime_root=REPO)
+    sources = Sources(models_dir=models, samples_dir=tiny_model["dataset"] / "images" / "val", runtime_root=REPO / "runtime")
     return {"dir": models, "sources": sources}

@@ -39,7 +39,7 @@ def _health(host_deploy: Path) -> dict[str, Any]:
     """Run the device's own health check on whatever `current` points at."""
     release = host_deploy / "current"
     runtime = json.loads((release / "manifest.json").read_text())["source"]["runtime"]
-    p = subprocess.run([sys.executable, "-m", "pipeline.device", "health", "--release", str(release)],
+    p = subprocess.run([sys.executable, "-m", "edge_runtime", "health", "--release", str(release)],
                        cwd=host_deploy / "runtime" / runtime, capture_output=True, text=True)
     return {"exit": p.returncode, **json.loads(p.stdout)}
 
@@ -52,8 +52,8 @@ def test_first_deploy_redeploy_down_host_jetson_and_mlflow(sshd_fleet: Any, flee
     down = sshd_fleet.down_host("pi-down")
     inv = sshd_fleet.inventory({"pis": [(pi1, {}), (pi2, {}), (down, {})], "jetsons": [(jet, {})]})
 
-    from pipeline.device.fileio import sha256_file
-    from pipeline.tracking import stage_run
+    from edge_runtime.fileio import sha256_file
+    from pipeline.tracking.mlflow_runs import stage_run
 
     with stage_run("export", tags={"model_sha256": sha256_file(fleet_models["dir"] / "yolov8n.onnx")}) as producer:
         pass  # stands in for the pipeline run that exported the model (lineage link)
@@ -75,7 +75,7 @@ def test_first_deploy_redeploy_down_host_jetson_and_mlflow(sshd_fleet: Any, flee
     # MLflow: one parent run, one nested run per device with comparable tags and metrics.
     from mlflow import MlflowClient
 
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking.mlflow_runs import tracking_uri
 
     client = MlflowClient(tracking_uri())
     parent = client.get_run(run.mlflow_run_id)

@@ -111,7 +111,7 @@ def test_unknown_group_from_fab(tmp_path: Path) -> None:
 def test_remote_commands_are_quoted() -> None:
     host = _parse(copy.deepcopy(BASE)).select(host="pi1")[0]
     cmd = device_command(host, "/home/pi/edge/runtime/abc", "health", ["--release", "/x/it's"])
-    assert cmd == ("cd /home/pi/edge/runtime/abc && /usr/bin/python3 -m pipeline.device health "
+    assert cmd == ("cd /home/pi/edge/runtime/abc && /usr/bin/python3 -m edge_runtime health "
                    "--release '/x/it'\"'\"'s'")
 
 
@@ -130,11 +130,13 @@ def test_int8_needs_quantize(tmp_path: Path) -> None:
 
 
 def test_runtime_bundle_is_exactly_the_device_package() -> None:
-    b = runtime_bundle(REPO)
-    assert "pipeline/__init__.py" in b.files
-    assert all(n == "pipeline/__init__.py" or n.startswith("pipeline/device/") for n in b.files)
+    b = runtime_bundle(REPO / "runtime")
+    assert {"pyproject.toml", "edge_runtime/__init__.py", "edge_runtime/__main__.py"} <= set(b.files)
+    assert all(n in ("pyproject.toml", "README.md") or n.startswith("edge_runtime/") for n in b.files)
     assert not any("__pycache__" in n for n in b.files)
-    assert runtime_bundle(REPO).name == b.name  # content-addressed: stable
+    assert runtime_bundle(REPO / "runtime").name == b.name  # content-addressed: stable
+    with pytest.raises(ArtifactError, match="not the device runtime's source tree"):
+        runtime_bundle(REPO)
 
 
 @pytest.mark.slow

@@ -50,7 +50,7 @@ def _deploy(inv: Path, fleet_models: dict[str, Any], tmp_path: Path, **kw: Any) 
 def test_registry_versions_aliases_and_lineage(fleet_models: dict[str, Any], tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    from pipeline.tracking import lineage_tags, log_artifact, set_tags, stage_run, tracking_uri, walk_lineage
+    from pipeline.tracking.mlflow_runs import lineage_tags, log_artifact, set_tags, stage_run, tracking_uri, walk_lineage
 
     models = fleet_models["dir"]
     int8 = models / "yolov8n.int8.onnx"
@@ -136,7 +136,7 @@ def test_group_aliases_mixed_runtimes() -> None:
 
 def test_soak_benchmark_feeds_the_report_thermal_timeline(fleet_models: dict[str, Any], tmp_path: Path) -> None:
     """`fab benchmark --soak-minutes`: the device reports time windows; the report draws them."""
-    from pipeline.report import device_rows, latest_device_results, thermal_rows
+    from pipeline.stages.report import device_rows, latest_device_results, thermal_rows
 
     inv = _inventory(tmp_path)
     assert all(r.ok for r in _deploy(inv, fleet_models, tmp_path, group="line-b").results)

@@ -1,0 +1,2 @@
+"""Configuration: params.yaml schemas, the repository's file layout, and the Ultralytics
+environment (offline, integrations off)."""

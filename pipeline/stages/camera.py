@@ -1,0 +1,513 @@
+"""Stage `camera`: deployment-camera frames -> data/camera_frames/ (frames/<camera-id>/ + labelled/).
+
+INT8 calibration should see what the deployed camera sees, not the training images. This stage
+produces those frames from one of two sources (`camera.source`):
+
+- `synthetic` (the embedded default): scenes from the defect generator (`pipeline/imagesets/synthetic.py`,
+  in a seed space of their own, so no frame is a training image) seen through camera models the
+  training set does not have: exposure, white-balance cast, motion or defocus blur, vignetting,
+  shot + read noise, JPEG quality and a non-square sensor size. Each scene is delivered as a
+  burst of near-identical frames, as a streaming camera does, so `calibrate`'s deduplication has
+  real work to do.
+- `ingest`: real frames from `camera.ingest_dir/<camera-id>/` (images, or video files sampled at
+  `camera.video_fps`), e.g. pulled from the fleet by `fab collect-frames`.
+
+Output:
+  frames/<camera-id>/*     unlabelled frames (calibration candidates); one size per camera
+  labelled/                YOLO layout, split `val` only, dataset.yaml with the training class
+                           names: the camera-domain split `evaluate` measures accuracy on
+                           (synthetic: always; ingest: only when `camera.ingest_labelled_dir` is set)
+
+Everything is built in a temp folder beside the output and swapped in with `os.replace`, so an
+error (a corrupt frame, mixed sizes, an empty folder) leaves the previous output untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+import yaml
+
+from pipeline.config import paths
+from pipeline.imagesets.yolo import (
+    IMAGE_SUFFIXES,
+    DatasetError,
+    decode_image,
+    format_label,
+    import_yolo,
+    validate_class_names,
+    validate_label_text,
+)
+from edge_runtime.fileio import atomic_write_json
+from pipeline.config.params import BaseParams, CameraModelParams, CameraParams, DataParams, load_params
+from pipeline.imagesets.synthetic import CLASS_NAMES, GeneratorConfig, image_rng, render_image
+from pipeline.tracking.mlflow_runs import lineage_tags, log_metrics, set_tags, stage_run
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm")
+FRAMES_SUBDIR = "frames"
+LABELLED_SUBDIR = "labelled"
+LABELLED_SPLIT = "val"
+
+
+# ------------------------------------------------------------------------------------------
+# Frame statistics (the metrics that show the camera domain differs from the training set)
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FrameStats:
+    """Running per-camera statistics: size, brightness and per-channel colour (BGR)."""
+
+    frames: int = 0
+    width: int = 0
+    height: int = 0
+    _pixels: int = 0
+    _sum: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    _sumsq: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    _gray_sum: float = 0.0
+    _gray_sumsq: float = 0.0
+
+    def add(self, img: np.ndarray) -> None:
+        """Accumulate one BGR uint8 frame."""
+        h, w = img.shape[:2]
+        self.frames += 1
+        self.width, self.height = w, h
+        px = img.reshape(-1, 3).astype(np.float64)
+        self._pixels += px.shape[0]
+        self._sum += px.sum(0)
+        self._sumsq += (px**2).sum(0)
+        gray = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY).astype(np.float64)
+        self._gray_sum += float(gray.sum())
+        self._gray_sumsq += float((gray**2).sum())
+
+    def as_metrics(self) -> dict[str, object]:
+        """Means and standard deviations over every pixel of every frame (0-255 scale)."""
+        n = max(self._pixels, 1)
+        mean = self._sum / n
+        std = np.sqrt(np.maximum(self._sumsq / n - mean**2, 0))
+        g_mean = self._gray_sum / n
+        g_std = float(np.sqrt(max(self._gray_sumsq / n - g_mean**2, 0.0)))
+        return {
+            "frames": self.frames,
+            "width": self.width,
+            "height": self.height,
+            "brightness_mean": round(g_mean, 4),
+            "brightness_std": round(g_std, 4),
+            "channel_mean_bgr": [round(float(v), 4) for v in mean],
+            "channel_std_bgr": [round(float(v), 4) for v in std],
+        }
+
+
+# ------------------------------------------------------------------------------------------
+# Camera model
+# ------------------------------------------------------------------------------------------
+
+
+def blur_kernel(cam: CameraModelParams) -> np.ndarray | None:
+    """The camera's point-spread function, or None when it has no blur.
+
+    Motion: a horizontal streak (the strip moves along x, the rolling direction). Defocus: a disc.
+    """
+    if cam.blur == "none" or cam.blur_px <= 0:
+        return None
+    if cam.blur == "motion":
+        length = max(1, int(round(cam.blur_px)))
+        k = np.zeros((length | 1, length | 1), np.float32)  # odd size so the streak is centred
+        k[k.shape[0] // 2, (k.shape[1] - length) // 2:(k.shape[1] - length) // 2 + length] = 1.0
+    else:
+        radius = cam.blur_px
+        size = 2 * int(np.ceil(radius)) + 1
+        yy, xx = np.mgrid[:size, :size].astype(np.float32) - size // 2
+        # Anti-aliased disc: a hard disc of radius < 1 px would be a no-op.
+        k = np.clip(radius + 0.5 - np.sqrt(xx**2 + yy**2), 0.0, 1.0)
+    return k / k.sum()
+
+
+def vignette(height: int, width: int, strength: float) -> np.ndarray:
+    """Radial fall-off (H, W) float32: 1 at the centre, 1 - strength in the corners."""
+    yy, xx = np.mgrid[:height, :width].astype(np.float32)
+    r2 = ((xx - (width - 1) / 2) / (width / 2)) ** 2 + ((yy - (height - 1) / 2) / (height / 2)) ** 2
+    return (1.0 - strength * r2 / 2.0).astype(np.float32)  # r2 is 2 in the corners
+
+
+def camera_frame(scene: np.ndarray, cam: CameraModelParams, rng: np.random.Generator,
+                 exposure: float, wb_gains: np.ndarray, shift_xy: tuple[float, float]) -> np.ndarray:
+    """Render the square BGR uint8 `scene` as camera `cam` would deliver it (BGR uint8, H x W).
+
+    `exposure` and `wb_gains` are this scene's (jittered) values; `shift_xy` moves the scene
+    by sub-pixel amounts (vibration between frames of a burst). Noise is drawn from `rng`.
+    Box labels stay exact: the resize is of the whole frame, so normalised YOLO coordinates
+    are unchanged, and the shift is only used for unlabelled frames.
+    """
+    img = scene.astype(np.float32)
+    if shift_xy != (0.0, 0.0):
+        m = np.float32([[1, 0, shift_xy[0]], [0, 1, shift_xy[1]]])
+        img = cv2.warpAffine(img, m, (img.shape[1], img.shape[0]), flags=cv2.INTER_LINEAR,
+                             borderMode=cv2.BORDER_REFLECT)
+    shrink = cam.width < img.shape[1] or cam.height < img.shape[0]
+    img = cv2.resize(img, (cam.width, cam.height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    kernel = blur_kernel(cam)
+    if kernel is not None:
+        img = cv2.filter2D(img, -1, kernel, borderType=cv2.BORDER_REFLECT)
+    img *= np.float32(exposure)
+    img *= wb_gains.astype(np.float32)[None, None, :]
+    img *= vignette(cam.height, cam.width, cam.vignetting)[:, :, None]
+    noise_sigma = np.sqrt(cam.shot_noise**2 * np.maximum(img, 0.0) + cam.read_noise**2)
+    img += rng.standard_normal(img.shape, dtype=np.float32) * noise_sigma.astype(np.float32)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def encode_jpeg(img: np.ndarray, quality: int) -> bytes:
+    """JPEG bytes of a BGR uint8 image (the camera's own compression)."""
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode a {img.shape} frame as JPEG")
+    return buf.tobytes()
+
+
+def _scene_settings(rng: np.random.Generator, cam: CameraModelParams, exposure_jitter: float,
+                    wb_jitter: float) -> tuple[float, np.ndarray]:
+    """This scene's exposure and white balance: the camera's own, jittered (auto-exposure, lamps)."""
+    exposure = cam.exposure * (1.0 + rng.uniform(-exposure_jitter, exposure_jitter))
+    wb = np.asarray(cam.wb_gains, np.float64) * (1.0 + rng.uniform(-wb_jitter, wb_jitter, 3))
+    return float(exposure), wb
+
+
+# ------------------------------------------------------------------------------------------
+# Sources
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CameraResult:
+    """What the stage wrote: per-camera frame stats and the labelled split's size."""
+
+    out: Path
+    source: str
+    cameras: dict[str, FrameStats]
+    labelled_images: int
+    labelled_instances: int
+
+    def as_metrics(self) -> dict[str, object]:
+        """The metrics document (reports/camera/metrics.json)."""
+        return {
+            "source": self.source,
+            "cameras": {cid: s.as_metrics() for cid, s in sorted(self.cameras.items())},
+            "frames_total": sum(s.frames for s in self.cameras.values()),
+            "labelled_images": self.labelled_images,
+            "labelled_instances": self.labelled_instances,
+        }
+
+
+def generator_config(data: DataParams) -> GeneratorConfig:
+    """The defect generator with the training set's knobs: only the camera differs."""
+    s = data.synthetic
+    return GeneratorConfig(s.image_size, s.max_defects, s.empty_fraction, s.small_fraction,
+                           s.min_contrast, s.max_contrast, s.clutter)
+
+
+def synthesize_frames(frames_dir: Path, p: CameraParams, cfg: GeneratorConfig, seed: int) -> dict[str, FrameStats]:
+    """Write bursts of synthetic camera frames to `frames_dir/<camera-id>/`; deterministic from `seed`."""
+    s = p.synthetic
+    stats: dict[str, FrameStats] = {}
+    for cam in s.cameras:
+        cam_dir = frames_dir / cam.id
+        cam_dir.mkdir(parents=True)
+        st = stats.setdefault(cam.id, FrameStats())
+        for scene_index in range(s.scenes_per_camera):
+            # Own seed space ("camera/<id>"), so no scene is a training/val/test image.
+            rng = image_rng(seed, f"camera/{cam.id}", scene_index)
+            scene, _ = render_image(rng, cfg)
+            exposure, wb = _scene_settings(rng, cam, s.exposure_jitter, s.wb_jitter)
+            for k in range(s.burst_length):
+                shift = (0.0, 0.0) if k == 0 else tuple(float(v) for v in rng.uniform(-s.burst_shift_px, s.burst_shift_px, 2))
+                img = camera_frame(scene, cam, rng, exposure, wb, shift)  # type: ignore[arg-type]
+                data = encode_jpeg(img, cam.jpeg_quality)
+                (cam_dir / f"{scene_index:05d}_{k:02d}.jpg").write_bytes(data)
+                st.add(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR))
+        print(f"camera: {cam.id}: {s.scenes_per_camera} scenes x {s.burst_length} frames "
+              f"at {cam.width}x{cam.height}", flush=True)
+    return stats
+
+
+def synthesize_labelled(labelled_dir: Path, p: CameraParams, cfg: GeneratorConfig, seed: int,
+                        class_names: tuple[str, ...]) -> tuple[int, int]:
+    """Write the labelled camera-domain split (cameras round-robin); return (images, instances)."""
+    s = p.synthetic
+    writer = _LabelledWriter(labelled_dir, class_names)
+    for i in range(s.labelled_images):
+        cam = s.cameras[i % len(s.cameras)]
+        rng = image_rng(seed, "camera-labelled", i)
+        scene, boxes = render_image(rng, cfg)
+        exposure, wb = _scene_settings(rng, cam, s.exposure_jitter, s.wb_jitter)
+        img = camera_frame(scene, cam, rng, exposure, wb, (0.0, 0.0))
+        labels = [b.yolo(cfg.image_size, cfg.image_size) for b in boxes]  # normalised: resize-invariant
+        writer.add(f"{cam.id}_{i:05d}", encode_jpeg(img, cam.jpeg_quality), ".jpg", labels)
+    return writer.finish()
+
+
+class _LabelledWriter:
+    """A YOLO folder with one split (`val`). DatasetWriter insists on a train split; this one
+    does not, and it writes into the stage's temp folder (the whole output is swapped at once)."""
+
+    def __init__(self, root: Path, class_names: tuple[str, ...]) -> None:
+        self.root, self.class_names = root, class_names
+        self.images, self.instances = 0, 0
+        (root / "images" / LABELLED_SPLIT).mkdir(parents=True)
+        (root / "labels" / LABELLED_SPLIT).mkdir(parents=True)
+
+    def add(self, name: str, image_bytes: bytes, suffix: str,
+            labels: list[tuple[int, float, float, float, float]] | tuple[tuple[int, float, float, float, float], ...]) -> None:
+        """Add one image and its labels; the label text is re-validated as any import would be."""
+        image_path = self.root / "images" / LABELLED_SPLIT / f"{name}{suffix.lower()}"
+        if image_path.exists():
+            raise DatasetError(f"two labelled camera images named '{name}'; rename one")
+        text = format_label(labels)
+        label_path = self.root / "labels" / LABELLED_SPLIT / f"{name}.txt"
+        validate_label_text(text, label_path, len(self.class_names))
+        image_path.write_bytes(image_bytes)
+        label_path.write_text(text)
+        self.images += 1
+        self.instances += len(labels)
+
+    def finish(self) -> tuple[int, int]:
+        """Write dataset.yaml; return (images, instances)."""
+        # Ultralytics refuses a data YAML without `train:`; pointing it at the val images keeps
+        # `model.val(data=...)` working. Nothing trains on this split.
+        doc = {"train": f"images/{LABELLED_SPLIT}", "val": f"images/{LABELLED_SPLIT}",
+               "nc": len(self.class_names), "names": dict(enumerate(self.class_names))}
+        header = "# Camera-domain evaluation split (pipeline/stages/camera.py): evaluate on `val` only.\n"
+        (self.root / "dataset.yaml").write_text(header + yaml.safe_dump(doc, sort_keys=False))
+        return self.images, self.instances
+
+
+def _media_files(cam_dir: Path) -> tuple[list[Path], list[Path]]:
+    """Sorted (images, videos) in one camera folder; any other file is an error naming it."""
+    images, videos = [], []
+    for f in sorted(cam_dir.iterdir()):
+        if f.name.startswith("."):
+            continue  # .gitkeep, editor/OS droppings, partial downloads
+        suffix = f.suffix.lower()
+        if f.is_dir():
+            raise DatasetError(f"{f}: a folder inside camera folder {cam_dir}; put frames directly in "
+                               f"{cam_dir}/ (one folder per camera, no nesting)")
+        if suffix in IMAGE_SUFFIXES:
+            images.append(f)
+        elif suffix in VIDEO_SUFFIXES:
+            videos.append(f)
+        else:
+            raise DatasetError(f"{f}: not an image ({', '.join(IMAGE_SUFFIXES)}) or video "
+                               f"({', '.join(VIDEO_SUFFIXES)}); remove it from {cam_dir}/")
+    return images, videos
+
+
+def sample_video(video: Path, fps: float) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (frame index, BGR frame) from `video` at `fps` frames per second of video time."""
+    cap = cv2.VideoCapture(str(video))
+    try:
+        if not cap.isOpened():
+            raise DatasetError(f"video {video}: OpenCV cannot open it (corrupt or unsupported codec); "
+                               "re-encode it (e.g. ffmpeg -i in -c:v mjpeg out.avi) or extract frames as images")
+        native = cap.get(cv2.CAP_PROP_FPS)
+        if not native or not np.isfinite(native) or native <= 0:
+            raise DatasetError(f"video {video}: no frame rate in the file, so camera.video_fps cannot be applied; "
+                               "re-encode it with a frame rate or extract frames as images")
+        index, taken, next_time = 0, 0, 0.0
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            # Time-based sampling (not every n-th frame) so a non-integer rate ratio does not drift.
+            if index / native + 1e-9 >= next_time:
+                taken += 1
+                next_time = taken / fps
+                yield index, frame
+            index += 1
+        if index == 0:
+            raise DatasetError(f"video {video}: no frame could be decoded (empty, corrupt or unsupported codec); "
+                               "re-encode it or extract frames as images")
+    finally:
+        cap.release()
+
+
+def ingest_frames(ingest_dir: Path, frames_dir: Path, video_fps: float) -> dict[str, FrameStats]:
+    """Copy/sample `ingest_dir/<camera-id>/` into `frames_dir/<camera-id>/`, validating every frame.
+
+    Images are copied byte for byte (no re-encoding loss); video frames are written as PNG.
+    Raises DatasetError naming the file for an unreadable frame, an empty camera folder, or a
+    frame whose size differs from the camera's first frame.
+    """
+    if not ingest_dir.is_dir():
+        raise DatasetError(f"camera.ingest_dir {ingest_dir} is not a folder; pull frames with "
+                           "`fab collect-frames` or set camera.source: synthetic")
+    entries = sorted(e for e in ingest_dir.iterdir() if not e.name.startswith("."))
+    loose = [e for e in entries if e.is_file()]
+    if loose:
+        raise DatasetError(f"{loose[0]}: a file directly in {ingest_dir}; frames go in one folder per camera "
+                           f"({ingest_dir}/<camera-id>/), move it there")
+    cameras = [e for e in entries if e.is_dir()]
+    if not cameras:
+        raise DatasetError(f"{ingest_dir}: no camera folders; add {ingest_dir}/<camera-id>/ with images or a video "
+                           "(`fab collect-frames` does) or set camera.source: synthetic")
+    stats: dict[str, FrameStats] = {}
+    for cam_dir in cameras:
+        images, videos = _media_files(cam_dir)
+        if not images and not videos:
+            raise DatasetError(f"camera folder {cam_dir} is empty; add frames or delete the folder")
+        out = frames_dir / cam_dir.name
+        out.mkdir(parents=True)
+        st = stats.setdefault(cam_dir.name, FrameStats())
+        first: tuple[Path, tuple[int, int]] | None = None
+
+        def check_size(img: np.ndarray, where: Path) -> None:
+            nonlocal first
+            hw = img.shape[:2]
+            if first is None:
+                first = (where, hw)
+            elif hw != first[1]:
+                raise DatasetError(
+                    f"frame {where} is {hw[1]}x{hw[0]} but {first[0]} is {first[1][1]}x{first[1][0]}: a camera's "
+                    f"frames must share one size; move frames of another camera/resolution to their own folder"
+                )
+
+        for f in images:
+            img = decode_image(f)
+            check_size(img, f)
+            shutil.copyfile(f, out / f.name)
+            st.add(img)
+        for v in videos:
+            for index, frame in sample_video(v, video_fps):
+                where = Path(f"{v}#frame{index}")
+                check_size(frame, where)
+                ok, buf = cv2.imencode(".png", frame)
+                if not ok:
+                    raise RuntimeError(f"OpenCV could not encode frame {index} of {v} as PNG")
+                name = f"{v.stem}_{index:06d}.png"
+                if (out / name).exists():
+                    raise DatasetError(f"{v}: its frame file {name} collides with an image of {cam_dir}; rename one")
+                (out / name).write_bytes(buf.tobytes())
+                st.add(frame)
+        print(f"camera: ingested {st.frames} frames of {cam_dir.name} ({st.width}x{st.height})", flush=True)
+    return stats
+
+
+def ingest_labelled(src: Path, labelled_dir: Path, class_names: tuple[str, ...]) -> tuple[int, int]:
+    """Copy a labelled YOLO folder of camera frames into the `val` split, validated like any import."""
+    if not src.is_dir():
+        raise DatasetError(f"camera.ingest_labelled_dir {src} is not a folder; point it at a YOLO folder "
+                           "(images/, labels/, data.yaml) or set it to \"\"")
+    # import_yolo validates names, labels and orphans; its train/val assignment is irrelevant
+    # here (every image goes to val), so the fractions passed are placeholders.
+    names, samples = import_yolo(src, 0.5, 0.0, 0)
+    if names != class_names:
+        raise DatasetError(f"{src}: class names {list(names)} differ from the training set's {list(class_names)}; "
+                           "relabel the camera frames with the training classes (same order)")
+    writer = _LabelledWriter(labelled_dir, class_names)
+    for sample in samples:
+        decode_image(sample.image)
+        writer.add(sample.name, sample.image.read_bytes(), sample.image.suffix, sample.labels)
+    return writer.finish()
+
+
+def read_class_names(dataset_yaml: Path) -> tuple[str, ...]:
+    """The training set's class names, from its dataset.yaml (written by stage `data`)."""
+    if not dataset_yaml.is_file():
+        raise DatasetError(f"{dataset_yaml} not found; run the data stage first (dvc repro data)")
+    doc = yaml.safe_load(dataset_yaml.read_text()) or {}
+    names = doc.get("names")
+    if isinstance(names, dict):
+        names = [names[k] for k in sorted(names)]
+    if not isinstance(names, list):
+        raise DatasetError(f"{dataset_yaml}: no 'names' list; rebuild it with the data stage")
+    return validate_class_names(names, dataset_yaml)
+
+
+# ------------------------------------------------------------------------------------------
+# The stage
+# ------------------------------------------------------------------------------------------
+
+
+def build_camera_frames(out: Path, dataset_yaml: Path, p: CameraParams, data: DataParams,
+                        base: BaseParams) -> CameraResult:
+    """Build `out` (frames/ + labelled/) from the source in `p`; all-or-nothing (temp folder swap)."""
+    class_names = read_class_names(dataset_yaml)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        frames_dir = tmp / FRAMES_SUBDIR
+        frames_dir.mkdir()
+        if p.source == "synthetic":
+            if class_names != CLASS_NAMES:
+                raise DatasetError(
+                    f"{dataset_yaml}: the training classes {list(class_names)} are not the synthetic generator's "
+                    f"{list(CLASS_NAMES)}, so synthetic camera frames cannot be labelled for them; set "
+                    "camera.source: ingest with camera frames (and camera.ingest_labelled_dir) of your classes"
+                )
+            cfg = generator_config(data)
+            stats = synthesize_frames(frames_dir, p, cfg, base.seed)
+            n_img, n_inst = synthesize_labelled(tmp / LABELLED_SUBDIR, p, cfg, base.seed, class_names)
+        else:
+            stats = ingest_frames(Path(p.ingest_dir), frames_dir, p.video_fps)
+            n_img = n_inst = 0
+            if p.ingest_labelled_dir:
+                n_img, n_inst = ingest_labelled(Path(p.ingest_labelled_dir), tmp / LABELLED_SUBDIR, class_names)
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return CameraResult(out, p.source, stats, n_img, n_inst)
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Replace `target` with the finished `tmp` folder (same file system, so the swap is a rename)."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The stage CLI: paths only (hyper-parameters, the ingest folders included, live in params.yaml)."""
+    ap = argparse.ArgumentParser(prog="python -m pipeline.stages.camera", description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset-yaml", type=Path, default=paths.DATASET_YAML,
+                    help="the training set's dataset.yaml (class names for the labelled split)")
+    ap.add_argument("--out", type=Path, default=paths.CAMERA_FRAMES_DIR)
+    ap.add_argument("--metrics", type=Path, default=paths.CAMERA_METRICS)
+    ap.add_argument("--params", type=Path, default=paths.PARAMS_FILE)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the stage: build the camera frames, write per-camera stats as DVC metrics, log to MLflow."""
+    args = parse_args(argv)
+    base = load_params("base", BaseParams, args.params)
+    data = load_params("data", DataParams, args.params)
+    p = load_params("camera", CameraParams, args.params)
+    tags = {"camera_source": p.source, **lineage_tags(dataset=args.dataset_yaml.parent)}
+    with stage_run("camera", base, p, tags=tags):
+        result = build_camera_frames(args.out, args.dataset_yaml, p, data, base)
+        metrics = result.as_metrics()
+        atomic_write_json(args.metrics, metrics)
+        flat: dict[str, object] = {"frames_total": metrics["frames_total"], "labelled_images": result.labelled_images}
+        for cid, st in result.cameras.items():
+            m = st.as_metrics()
+            flat[f"{cid}.brightness_mean"] = m["brightness_mean"]
+            flat[f"{cid}.brightness_std"] = m["brightness_std"]
+        log_metrics(flat)  # type: ignore[arg-type]
+        set_tags(lineage_tags(camera_frames=args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""MLflow: one run per stage execution, tagged with lineage."""
