@@ -43,12 +43,12 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 
 from quantization import chosen_candidate, pipeline_models, prepare  # noqa: E402
 
-from pipeline.config import paths  # noqa: E402
 from edge_runtime.fileio import atomic_write_text  # noqa: E402
 from edge_runtime.preprocess import preprocess  # noqa: E402
 from pipeline.accuracy.mean_ap import load_split, onnx_session  # noqa: E402
-from pipeline.onnx_models.int8_candidates import interleaved_latency  # noqa: E402
+from pipeline.config import paths  # noqa: E402
 from pipeline.config.params import BaseParams, load_params  # noqa: E402
+from pipeline.onnx_models.int8_candidates import interleaved_latency  # noqa: E402
 
 # Op types that are convolutions, in either precision (FusedConv = Conv + activation fused by ORT).
 CONV_OPS = {"Conv", "FusedConv", "QLinearConv", "ConvInteger", "NhwcFusedConv"}

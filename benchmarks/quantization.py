@@ -30,15 +30,21 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
-from pipeline.config import paths  # noqa: E402
 from edge_runtime.fileio import atomic_write_text  # noqa: E402
 from edge_runtime.preprocess import preprocess  # noqa: E402
-from pipeline.onnx_models.calibration_sets import calibration_frame_paths, rebuild_calibration_tensors  # noqa: E402
-from pipeline.accuracy.mean_ap import (accuracy_from_stats, decoder, image_stats, load_split, onnx_session,  # noqa: E402
-                                 paired_bootstrap_map)
-from pipeline.onnx_models.int8_candidates import build_candidate, build_dynamic, interleaved_latency  # noqa: E402
+from pipeline.accuracy.mean_ap import (  # noqa: E402
+    accuracy_from_stats,
+    decoder,
+    image_stats,
+    load_split,
+    onnx_session,
+    paired_bootstrap_map,
+)
+from pipeline.config import paths  # noqa: E402
 from pipeline.config.params import BaseParams, ExportParams, QuantizeCandidate, QuantizeParams, load_params  # noqa: E402
 from pipeline.config.ultralytics_env import import_ultralytics  # noqa: E402
+from pipeline.onnx_models.calibration_sets import calibration_frame_paths, rebuild_calibration_tensors  # noqa: E402
+from pipeline.onnx_models.int8_candidates import build_candidate, build_dynamic, interleaved_latency  # noqa: E402
 
 
 def export_fp32(weights: Path, imgsz: int, opset: int, work: Path) -> Path:

@@ -33,11 +33,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from edge_runtime.backends import OrtBackend  # noqa: E402
+from edge_runtime.detector import Detector  # noqa: E402
 from edge_runtime.manifest import OrtSettings  # noqa: E402
 from edge_runtime.postprocess import spec_from_metadata  # noqa: E402
 from edge_runtime.realtime import LatestSlot, RealtimeLoop, SyntheticSource, UnboundedQueue  # noqa: E402
 from edge_runtime.release import model_class_names  # noqa: E402
-from edge_runtime.detector import Detector  # noqa: E402
 
 FRAME_W, FRAME_H = 640, 480
 

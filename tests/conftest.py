@@ -8,9 +8,7 @@ from typing import Any, Callable
 
 import pytest
 import yaml
-
 from support import REPO, mlflow_store, tiny_params
-
 
 # The pipeline's outputs in the checkout. A stage's CLI defaults point here, so a test that forgets
 # one output argument would overwrite the user's results (it happened: the benchmark stage's

@@ -12,12 +12,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from support import tiny_params
-from pipeline.stages import benchmark as bm
-from pipeline.onnx_models.calibration_sets import calibration_frame_paths, load_calibration_tensors, rebuild_calibration_tensors
+
 from edge_runtime.detector import StageTimes
 from pipeline.config.params import BaseParams, BenchmarkParams, ExportParams, QuantizeParams, build, load_params
+from pipeline.onnx_models.calibration_sets import (
+    calibration_frame_paths,
+    load_calibration_tensors,
+    rebuild_calibration_tensors,
+)
+from pipeline.stages import benchmark as bm
 
 F = Path("params.yaml")
 

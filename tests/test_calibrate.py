@@ -10,15 +10,15 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-
 from support import tiny_params
-from pipeline.stages import calibrate, camera
-from pipeline.stages.calibrate import CalibrationError
-from pipeline.imagesets.yolo import DatasetError, dataset_yaml
+
 from edge_runtime import preprocess
 from edge_runtime.fileio import sha256_file
 from pipeline.config.params import BaseParams, CalibrateParams, CameraParams, DataParams, ExportParams, build
 from pipeline.imagesets.synthetic import CLASS_NAMES, image_rng, render_image
+from pipeline.imagesets.yolo import DatasetError, dataset_yaml
+from pipeline.stages import calibrate, camera
+from pipeline.stages.calibrate import CalibrationError
 
 F = Path("params.yaml")
 
@@ -34,7 +34,6 @@ def _p(repo_params: dict[str, Any], **over: Any) -> tuple[CalibrateParams, Expor
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny camera frames (3 cameras x 4 scenes x 3-frame bursts) and a tiny training set."""
     import yaml
-
     from support import REPO
 
     root = tmp_path_factory.mktemp("calib_src")

@@ -11,12 +11,12 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-
 from support import tiny_params
-from pipeline.stages import camera
-from pipeline.imagesets.yolo import DatasetError, dataset_yaml, validate_label_text
+
 from pipeline.config.params import BaseParams, CameraParams, DataParams, build
 from pipeline.imagesets.synthetic import CLASS_NAMES, image_rng, render_image
+from pipeline.imagesets.yolo import DatasetError, dataset_yaml, validate_label_text
+from pipeline.stages import camera
 
 
 def _params(repo_params: dict[str, Any], **camera_overrides: Any) -> tuple[CameraParams, DataParams, BaseParams]:

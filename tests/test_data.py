@@ -10,10 +10,10 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-
 from support import tiny_params
-from pipeline.stages import data
+
 from pipeline.imagesets.yolo import DatasetError
+from pipeline.stages import data
 
 
 def _run(tmp_path: Path, params_path: Path, out: str = "defects") -> tuple[Path, Path]:

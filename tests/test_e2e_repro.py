@@ -20,9 +20,9 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
+from support import REPO
 
 from pipeline.tools.repro_check import prepare_workspace, run_env
-from support import REPO
 
 pytestmark = pytest.mark.slow
 

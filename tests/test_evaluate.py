@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-
 from support import REPO, tiny_params
-from pipeline.stages import evaluate as ev
+
 from pipeline.accuracy.mean_ap import Accuracy, evaluate_session, load_split, onnx_session
 from pipeline.config.params import EvaluateParams, QuantizeParams, build
+from pipeline.stages import evaluate as ev
 
 F = Path("params.yaml")
 

@@ -8,8 +8,15 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.imagesets.yolo import (DatasetError, DatasetWriter, decode_image, import_voc, import_yolo, split_names,
-                              validate_label_text)
+from pipeline.imagesets.yolo import (
+    DatasetError,
+    DatasetWriter,
+    decode_image,
+    import_voc,
+    import_yolo,
+    split_names,
+    validate_label_text,
+)
 
 LABEL = Path("labels/train/0042.txt")
 

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 import mlflow
 import pytest
 import yaml
-
-from pipeline.tracking import mlflow_runs as tracking
-from pipeline.config.params import BaseParams, DataParams, load_params, params_hash
 from support import REPO, tiny_params
+
+from pipeline.config.params import BaseParams, DataParams, load_params, params_hash
+from pipeline.tracking import mlflow_runs as tracking
 
 # Registers the session-scoped `mlflow_server` fixture once for all modules that name it. The
 # module itself is imported only through this line (below: lazily, or for types), so pytest can

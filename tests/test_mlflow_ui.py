@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, Iterator, NoReturn
 
 import mlflow
 import pytest
-
 from support import REPO
 
 # The session-scoped `mlflow_server` fixture, shared with test_mlflow_server.py (one server).

@@ -11,8 +11,15 @@ import pytest
 from onnx import helper
 
 from edge_runtime import postprocess as pp
-from pipeline.onnx_models.graph import (GraphError, cut_before_decode, find_head_decode, head_convs, metadata, stem_conv,
-                                 verify_node_names)
+from pipeline.onnx_models.graph import (
+    GraphError,
+    cut_before_decode,
+    find_head_decode,
+    head_convs,
+    metadata,
+    stem_conv,
+    verify_node_names,
+)
 
 
 def test_head_decode_from_real_export(tiny_model: dict[str, Path]) -> None:

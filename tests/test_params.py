@@ -8,8 +8,7 @@ from typing import Any, Callable
 
 import pytest
 
-from pipeline.config.params import (BaseParams, DataParams, ExportParams, TrainParams, flatten, load_params,
-                             params_hash)
+from pipeline.config.params import BaseParams, DataParams, ExportParams, TrainParams, flatten, load_params, params_hash
 
 SECTIONS = {"base": BaseParams, "data": DataParams, "train": TrainParams, "export": ExportParams}
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-
 from support import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))

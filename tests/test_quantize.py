@@ -13,15 +13,14 @@ import numpy as np
 import onnx
 import pytest
 import yaml
-
 from support import REPO, tiny_params
-from pipeline.onnx_models.calibration_sets import load_calibration_tensors
-from pipeline.imagesets.yolo import decode_image, iter_split_files
+
 from edge_runtime.preprocess import letterbox, to_tensor
 from pipeline.accuracy.mean_ap import onnx_session
-from pipeline.config.params import QuantizeParams, build
+from pipeline.config.params import BaseParams, QuantizeParams, build
+from pipeline.imagesets.yolo import decode_image, iter_split_files
+from pipeline.onnx_models.calibration_sets import load_calibration_tensors
 from pipeline.stages.quantize import AccuracyGateError, CandidateResult, accuracy_gate, quantize
-from pipeline.config.params import BaseParams
 
 
 def _calibration(tmp: Path, dataset: Path, imgsz: int) -> Path:

@@ -16,8 +16,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.stages import report as rp
 from pipeline.config.params import QuantizeParams, ReportParams, load_params
+from pipeline.stages import report as rp
 
 CLASSES = ("crazing", "scratches")
 

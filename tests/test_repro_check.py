@@ -17,14 +17,24 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-import yaml
-
 import support
-from pipeline.tools import repro_check
-from pipeline.config.params import MetricTolerance, ReproCheckParams, load_params
-from pipeline.tools.repro_check import (EXIT_DIFFERENT, EXIT_ERROR, EXIT_OK, compare_metrics, compare_runs, downstream,
-                                  flatten_metrics, main, prepare_workspace, within)
+import yaml
 from support import REPO, copy_repo
+
+from pipeline.config.params import MetricTolerance, ReproCheckParams, load_params
+from pipeline.tools import repro_check
+from pipeline.tools.repro_check import (
+    EXIT_DIFFERENT,
+    EXIT_ERROR,
+    EXIT_OK,
+    compare_metrics,
+    compare_runs,
+    downstream,
+    flatten_metrics,
+    main,
+    prepare_workspace,
+    within,
+)
 
 CFG = load_params("repro_check", ReproCheckParams, REPO / "params.yaml")
 CFG_RAW = yaml.safe_load((REPO / "params.yaml").read_text())["repro_check"]

@@ -7,9 +7,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from pipeline.tracking import mlflow_runs as tracking
 from pipeline.config.params import BaseParams, load_params
 from pipeline.config.paths import repo_root
+from pipeline.tracking import mlflow_runs as tracking
 
 
 def test_uri_defaults_to_repo_sqlite(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -50,8 +50,8 @@ def test_sanitize_metric_names() -> None:
 
 
 def test_lineage_tags_files_folders_and_bad_names(tmp_path: Path) -> None:
-    from pipeline.imagesets.yolo import dataset_fingerprint
     from edge_runtime.fileio import sha256_file
+    from pipeline.imagesets.yolo import dataset_fingerprint
     from pipeline.tracking.mlflow_runs import lineage_tags
 
     data = tmp_path / "defects"

@@ -22,10 +22,20 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pipeline.imagesets.yolo import decode_image, iter_split_files, validate_label_text
-from edge_runtime.postprocess import (FORMAT_RAW, Detections, HeadSpec, dfl_decode, make_anchors, nms, postprocess,
-                                         sigmoid, spec_from_metadata, xywh_to_xyxy)
+from edge_runtime.postprocess import (
+    FORMAT_RAW,
+    Detections,
+    HeadSpec,
+    dfl_decode,
+    make_anchors,
+    nms,
+    postprocess,
+    sigmoid,
+    spec_from_metadata,
+    xywh_to_xyxy,
+)
 from edge_runtime.preprocess import Letterbox, preprocess
+from pipeline.imagesets.yolo import decode_image, iter_split_files, validate_label_text
 
 VAL_CONF = 0.001
 VAL_IOU = 0.7

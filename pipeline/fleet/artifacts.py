@@ -23,10 +23,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
-from pipeline.config import paths
 from edge_runtime.fileio import atomic_write_json, sha256_file
-from edge_runtime.manifest import (MANIFEST_NAME, FileEntry, Manifest, OrtSettings, PostprocessSettings,
-                                      TensorRTSettings, ThermalSettings, Variant)
+from edge_runtime.manifest import (
+    MANIFEST_NAME,
+    FileEntry,
+    Manifest,
+    OrtSettings,
+    PostprocessSettings,
+    TensorRTSettings,
+    ThermalSettings,
+    Variant,
+)
+from pipeline.config import paths
 from pipeline.fleet.inventory import SAFE_NAME, Host
 
 RUNTIME_PACKAGE = "edge_runtime"  # the import name the device runs: python -m edge_runtime

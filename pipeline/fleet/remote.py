@@ -19,6 +19,7 @@ from typing import Any, Sequence
 from edge_runtime import deploy_ops
 from pipeline.fleet.inventory import Host
 
+
 def helper_source() -> str:
     """The source of `edge_runtime.deploy_ops`, sent as the argument of `python -c`.
 

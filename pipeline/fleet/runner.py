@@ -15,9 +15,19 @@ from typing import Any, Callable, Sequence
 
 from pipeline.config import paths
 from pipeline.fleet import steps
-from pipeline.fleet.artifacts import (ArtifactError, Release, Sources, build_release, cached_sha256,
-                                      materialize_manifest, new_workdir, runtime_bundle, select_model_files,
-                                      source_lineage, utc_stamp)
+from pipeline.fleet.artifacts import (
+    ArtifactError,
+    Release,
+    Sources,
+    build_release,
+    cached_sha256,
+    materialize_manifest,
+    new_workdir,
+    runtime_bundle,
+    select_model_files,
+    source_lineage,
+    utc_stamp,
+)
 from pipeline.fleet.connection import connect
 from pipeline.fleet.inventory import Host, Inventory
 from pipeline.fleet.results import HostResult, bench_metrics

@@ -17,8 +17,7 @@ from typing import Any
 from edge_runtime.fileio import sha256_file
 from pipeline.fleet.artifacts import Bundle
 from pipeline.fleet.inventory import Host
-from pipeline.fleet.remote import (DeviceRun, RemoteError, last_error_line, parse_json_output, run_device,
-                                  run_helper)
+from pipeline.fleet.remote import DeviceRun, RemoteError, last_error_line, parse_json_output, run_device, run_helper
 from pipeline.fleet.results import HostResult
 
 # Device-side time limits. Jetson engine builds take minutes (up to ~20 for big workspaces).

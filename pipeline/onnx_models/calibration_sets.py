@@ -74,8 +74,8 @@ def rebuild_calibration_tensors(set_dir: Path, imgsz: int) -> np.ndarray:
     `imgsz` differs: for quantizing a model exported at another size. Returns (N, 3, imgsz,
     imgsz) float32 in manifest order.
     """
-    from pipeline.imagesets.yolo import decode_image
     from edge_runtime import preprocess
+    from pipeline.imagesets.yolo import decode_image
 
     boxed = [preprocess.letterbox(decode_image(path), imgsz)[0] for path in calibration_frame_paths(set_dir)]
     return preprocess.to_tensor(boxed)

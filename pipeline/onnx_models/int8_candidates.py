@@ -14,9 +14,16 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from pipeline.onnx_models.graph import (cut_before_decode, find_head_decode, head_convs, metadata, set_metadata, stem_conv,
-                                 verify_node_names)
 from pipeline.config.params import QuantizeCandidate
+from pipeline.onnx_models.graph import (
+    cut_before_decode,
+    find_head_decode,
+    head_convs,
+    metadata,
+    set_metadata,
+    stem_conv,
+    verify_node_names,
+)
 
 
 class _TensorReader:

@@ -40,17 +40,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.config import paths
-from pipeline.onnx_models.calibration_sets import calibration_frame_paths, rebuild_calibration_tensors
-from pipeline.imagesets.yolo import decode_image
 from edge_runtime.backends import OrtBackend, parse_names
-from edge_runtime.latency import percentiles
+from edge_runtime.detector import Detector
 from edge_runtime.fileio import atomic_write_json, atomic_write_text, sha256_file
+from edge_runtime.latency import percentiles
 from edge_runtime.manifest import OrtSettings
 from edge_runtime.postprocess import FORMAT_RAW, spec_from_metadata
-from edge_runtime.detector import Detector
 from edge_runtime.sysinfo import describe_device
+from pipeline.config import paths
 from pipeline.config.params import BaseParams, BenchmarkParams, ExportParams, QuantizeParams, load_params
+from pipeline.imagesets.yolo import decode_image
+from pipeline.onnx_models.calibration_sets import calibration_frame_paths, rebuild_calibration_tensors
 from pipeline.tracking.mlflow_runs import lineage_tags, log_metrics, set_tags, stage_run
 
 SCHEMA = 1
@@ -132,10 +132,10 @@ def model_imgsz(path: Path) -> int:
 
 def export_fp32(weights: Path, imgsz: int, export: ExportParams, work: Path) -> Path:
     """Export `weights` to a raw FP32 ONNX at `imgsz` with Ultralytics (same settings as stage export)."""
-    from pipeline.onnx_models.graph import set_metadata
-    from pipeline.config.ultralytics_env import VOLATILE_ONNX_METADATA, import_ultralytics
-
     import onnx
+
+    from pipeline.config.ultralytics_env import VOLATILE_ONNX_METADATA, import_ultralytics
+    from pipeline.onnx_models.graph import set_metadata
 
     ultralytics = import_ultralytics(work)
     local = work / f"fp32-{imgsz}.pt"
@@ -162,8 +162,8 @@ def models_at(imgsz: int, inputs: BenchmarkInputs, variants: Sequence[str], q: Q
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from pipeline.onnx_models.int8_candidates import build_candidate, build_dynamic
     from pipeline.onnx_models.graph import metadata, set_metadata
+    from pipeline.onnx_models.int8_candidates import build_candidate, build_dynamic
 
     if not inputs.weights.is_file():
         raise ValueError(f"{inputs.weights} not found; run the train stage first (dvc repro train)")

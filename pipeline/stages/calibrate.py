@@ -32,11 +32,11 @@ from typing import Any
 import cv2
 import numpy as np
 
-from pipeline.config import paths
-from pipeline.imagesets.yolo import IMAGE_SUFFIXES, decode_image
 from edge_runtime import preprocess
 from edge_runtime.fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from pipeline.config import paths
 from pipeline.config.params import BaseParams, CalibrateParams, ExportParams, load_params
+from pipeline.imagesets.yolo import IMAGE_SUFFIXES, decode_image
 from pipeline.tracking.mlflow_runs import lineage_tags, log_metrics, set_tags, stage_run
 
 SELECTION_METHOD = "phash-dedup + greedy-farthest-point"

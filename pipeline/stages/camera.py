@@ -36,7 +36,10 @@ import cv2
 import numpy as np
 import yaml
 
+from edge_runtime.fileio import atomic_write_json
 from pipeline.config import paths
+from pipeline.config.params import BaseParams, CameraModelParams, CameraParams, DataParams, load_params
+from pipeline.imagesets.synthetic import CLASS_NAMES, GeneratorConfig, image_rng, render_image
 from pipeline.imagesets.yolo import (
     IMAGE_SUFFIXES,
     DatasetError,
@@ -46,9 +49,6 @@ from pipeline.imagesets.yolo import (
     validate_class_names,
     validate_label_text,
 )
-from edge_runtime.fileio import atomic_write_json
-from pipeline.config.params import BaseParams, CameraModelParams, CameraParams, DataParams, load_params
-from pipeline.imagesets.synthetic import CLASS_NAMES, GeneratorConfig, image_rng, render_image
 from pipeline.tracking.mlflow_runs import lineage_tags, log_metrics, set_tags, stage_run
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm")

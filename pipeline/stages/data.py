@@ -15,11 +15,11 @@ from pathlib import Path
 
 import cv2
 
-from pipeline.config import paths
-from pipeline.imagesets.yolo import DatasetSummary, DatasetWriter, Sample, decode_image, import_voc, import_yolo
 from edge_runtime.fileio import atomic_write_json
+from pipeline.config import paths
 from pipeline.config.params import BaseParams, DataParams, load_params
 from pipeline.imagesets.synthetic import CLASS_NAMES, GeneratorConfig, image_rng, render_image
+from pipeline.imagesets.yolo import DatasetSummary, DatasetWriter, Sample, decode_image, import_voc, import_yolo
 from pipeline.tracking.mlflow_runs import lineage_tags, log_metrics, set_tags, stage_run
 
 

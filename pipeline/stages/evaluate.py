@@ -30,18 +30,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline.config import paths
-from pipeline.onnx_models.calibration_sets import load_calibration_tensors
 from edge_runtime.backends import parse_names
 from edge_runtime.fileio import atomic_write_json, atomic_write_text, sha256_file
 from edge_runtime.postprocess import FORMAT_RAW
-from pipeline.accuracy.mean_ap import (CAMERA_SPLIT_FOLDER, VAL_CONF, VAL_IOU, VAL_MAX_DET, Accuracy, evaluate_session,
-                                 load_camera_split, load_split, onnx_session)
-from pipeline.onnx_models.int8_candidates import build_candidate
-from pipeline.onnx_models.graph import metadata, set_metadata
+from pipeline.accuracy.mean_ap import (
+    CAMERA_SPLIT_FOLDER,
+    VAL_CONF,
+    VAL_IOU,
+    VAL_MAX_DET,
+    Accuracy,
+    evaluate_session,
+    load_camera_split,
+    load_split,
+    onnx_session,
+)
+from pipeline.config import paths
 from pipeline.config.params import BaseParams, EvaluateParams, QuantizeParams, load_params
-from pipeline.tracking.mlflow_runs import lineage_tags, log_artifact, log_metrics, set_tags, stage_run
 from pipeline.config.ultralytics_env import import_ultralytics
+from pipeline.onnx_models.calibration_sets import load_calibration_tensors
+from pipeline.onnx_models.graph import metadata, set_metadata
+from pipeline.onnx_models.int8_candidates import build_candidate
+from pipeline.tracking.mlflow_runs import lineage_tags, log_artifact, log_metrics, set_tags, stage_run
 
 CAMERA_SPLIT = "camera"  # key of the labelled camera-domain split in the outputs
 

@@ -21,13 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import paths
-from pipeline.imagesets.yolo import decode_image, iter_split_files
 from edge_runtime.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from edge_runtime.preprocess import preprocess
+from pipeline.config import paths
 from pipeline.config.params import BaseParams, ExportParams, load_params
-from pipeline.tracking.mlflow_runs import lineage_tags, log_artifact, log_metrics, set_tags, stage_run
 from pipeline.config.ultralytics_env import VOLATILE_ONNX_METADATA, import_ultralytics
+from pipeline.imagesets.yolo import decode_image, iter_split_files
+from pipeline.tracking.mlflow_runs import lineage_tags, log_artifact, log_metrics, set_tags, stage_run
 
 # Raw YOLOv8 head: (1, 4 + nc, anchors), boxes as cx, cy, w, h in input pixels, sigmoid scores.
 OUTPUT_FORMAT = "yolov8-raw"

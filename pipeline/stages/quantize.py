@@ -25,16 +25,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-
-from pipeline.config import paths
-from pipeline.onnx_models.calibration_sets import load_calibration_tensors
 from edge_runtime.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from edge_runtime.postprocess import FORMAT_RAW
-from pipeline.accuracy.mean_ap import (ImageStats, accuracy_from_stats, decoder, image_stats, load_camera_split, load_split,
-                                 onnx_session, paired_bootstrap_map)
-from pipeline.onnx_models.int8_candidates import build_candidate, build_dynamic, describe, interleaved_latency
-from pipeline.onnx_models.graph import metadata, set_metadata
+from pipeline.accuracy.mean_ap import (
+    ImageStats,
+    accuracy_from_stats,
+    decoder,
+    image_stats,
+    load_camera_split,
+    load_split,
+    onnx_session,
+    paired_bootstrap_map,
+)
+from pipeline.config import paths
 from pipeline.config.params import BaseParams, QuantizeParams, load_params
+from pipeline.onnx_models.calibration_sets import load_calibration_tensors
+from pipeline.onnx_models.graph import metadata, set_metadata
+from pipeline.onnx_models.int8_candidates import build_candidate, build_dynamic, describe, interleaved_latency
 from pipeline.tracking.mlflow_runs import lineage_tags, log_artifact, log_metrics, set_tags, stage_run
 
 

@@ -31,10 +31,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.config import paths
 from edge_runtime.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
-from pipeline.fleet.results import bench_metrics
+from pipeline.config import paths
 from pipeline.config.params import QuantizeParams, ReportParams, load_params
+from pipeline.fleet.results import bench_metrics
 from pipeline.tracking.mlflow_runs import lineage_tags, log_artifact, log_metrics, set_tags, stage_run
 
 VARIANTS = ("fp32", "int8", "dynamic")  # the ONNX variants the benchmark stage measures

@@ -22,11 +22,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import paths
 from edge_runtime.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from pipeline.config import paths
 from pipeline.config.params import BaseParams, TrainParams, load_params
-from pipeline.tracking.mlflow_runs import lineage_tags, log_artifact, log_metrics, sanitize_metric_name, set_tags, stage_run
 from pipeline.config.ultralytics_env import import_ultralytics
+from pipeline.tracking.mlflow_runs import (
+    lineage_tags,
+    log_artifact,
+    log_metrics,
+    sanitize_metric_name,
+    set_tags,
+    stage_run,
+)
 
 # Columns of the per-epoch curve (reports/train/epochs.csv), in Ultralytics' key names.
 EPOCH_COLUMNS = (

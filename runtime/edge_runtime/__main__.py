@@ -32,12 +32,19 @@ from typing import Any, Dict, List, Optional
 
 from . import latency as bench_mod
 from .backends import TensorRTUnavailable, ensure_engine, gpu_name, import_tensorrt
+from .detector import ReleaseError, default_engines_dir, load_detector, resolve_release, select_variant
 from .fileio import atomic_write_json
 from .manifest import ManifestError, load_manifest, verify_files
 from .postprocess import check_output, postprocess_one
-from .realtime import (DrawHandler, JsonLinesHandler, RealtimeLoop, ThermalGovernor, load_actuator, open_source,
-                       summary_line)
-from .detector import ReleaseError, default_engines_dir, load_detector, resolve_release, select_variant
+from .realtime import (
+    DrawHandler,
+    JsonLinesHandler,
+    RealtimeLoop,
+    ThermalGovernor,
+    load_actuator,
+    open_source,
+    summary_line,
+)
 from .sysinfo import describe_device
 from .thermal import ThermalReader
 

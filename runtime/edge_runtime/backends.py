@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .fileio import atomic_write_bytes, atomic_write_json, sha256_file
-from .manifest import OrtSettings, PRECISIONS
+from .manifest import PRECISIONS, OrtSettings
 
 GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 TENSORRT_FIX = ("install TensorRT's Python bindings (JetPack: `sudo apt install python3-libnvinfer`) and "

@@ -25,8 +25,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import cv2
 import numpy as np
 
-from .manifest import load_manifest
 from .detector import Detector, ReleaseError, default_engines_dir, load_detector, resolve_release, select_variant
+from .manifest import load_manifest
 from .sysinfo import describe_device
 from .thermal import ThermalReader, ThermalSampler
 

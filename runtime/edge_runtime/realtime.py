@@ -32,10 +32,10 @@ from typing import Any, Callable, Deque, Dict, Generic, List, Optional, Sequence
 import cv2
 import numpy as np
 
-from .latency import percentiles
-from .fileio import atomic_write_bytes
-from .postprocess import Detections
 from .detector import Detector, StageTimes
+from .fileio import atomic_write_bytes
+from .latency import percentiles
+from .postprocess import Detections
 
 log = logging.getLogger("edge_runtime.realtime")
 T = TypeVar("T")

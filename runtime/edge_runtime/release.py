@@ -17,8 +17,16 @@ from typing import Dict, Optional, Sequence, Tuple
 
 from .backends import parse_names
 from .fileio import sha256_file
-from .manifest import (FileEntry, Manifest, OrtSettings, PostprocessSettings, TensorRTSettings, ThermalSettings,
-                       Variant, save_manifest)
+from .manifest import (
+    FileEntry,
+    Manifest,
+    OrtSettings,
+    PostprocessSettings,
+    TensorRTSettings,
+    ThermalSettings,
+    Variant,
+    save_manifest,
+)
 
 
 @dataclass(frozen=True)

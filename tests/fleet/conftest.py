@@ -222,10 +222,10 @@ def make_int8(fp32: Path, dataset: Path, dest: Path) -> Path:
     import onnx
     import yaml
 
-    from pipeline.imagesets.yolo import decode_image, iter_split_files
     from edge_runtime.preprocess import letterbox, to_tensor
-    from pipeline.onnx_models.int8_candidates import build_candidate
     from pipeline.config.params import QuantizeParams, build
+    from pipeline.imagesets.yolo import decode_image, iter_split_files
+    from pipeline.onnx_models.int8_candidates import build_candidate
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())["quantize"]
     candidate = build(QuantizeParams, raw, "quantize", REPO / "params.yaml").candidates[0]

@@ -50,7 +50,14 @@ def _deploy(inv: Path, fleet_models: dict[str, Any], tmp_path: Path, **kw: Any) 
 def test_registry_versions_aliases_and_lineage(fleet_models: dict[str, Any], tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    from pipeline.tracking.mlflow_runs import lineage_tags, log_artifact, set_tags, stage_run, tracking_uri, walk_lineage
+    from pipeline.tracking.mlflow_runs import (
+        lineage_tags,
+        log_artifact,
+        set_tags,
+        stage_run,
+        tracking_uri,
+        walk_lineage,
+    )
 
     models = fleet_models["dir"]
     int8 = models / "yolov8n.int8.onnx"

@@ -17,9 +17,19 @@ from typing import Any, Dict, List
 import numpy as np
 import pytest
 
-from edge_runtime.backends import (BackendError, InputShapeError, OrtBackend, TensorRTBackend, TensorRTUnavailable,
-                                      create_backend, engine_key, ensure_engine, import_tensorrt, parse_names,
-                                      plan_engine)
+from edge_runtime.backends import (
+    BackendError,
+    InputShapeError,
+    OrtBackend,
+    TensorRTBackend,
+    TensorRTUnavailable,
+    create_backend,
+    engine_key,
+    ensure_engine,
+    import_tensorrt,
+    parse_names,
+    plan_engine,
+)
 from edge_runtime.manifest import OrtSettings
 from edge_runtime.preprocess import preprocess
 

@@ -8,9 +8,19 @@ from pathlib import Path
 import pytest
 
 from edge_runtime.fileio import sha256_file
-from edge_runtime.manifest import (FileEntry, Manifest, ManifestError, OrtSettings, PostprocessSettings,
-                                      TensorRTSettings, ThermalSettings, Variant, load_manifest, save_manifest,
-                                      verify_files)
+from edge_runtime.manifest import (
+    FileEntry,
+    Manifest,
+    ManifestError,
+    OrtSettings,
+    PostprocessSettings,
+    TensorRTSettings,
+    ThermalSettings,
+    Variant,
+    load_manifest,
+    save_manifest,
+    verify_files,
+)
 
 
 def _manifest(tmp_path: Path, **overrides: object) -> Manifest:

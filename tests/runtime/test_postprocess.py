@@ -10,9 +10,22 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_runtime.postprocess import (FORMAT_PREDFL, FORMAT_PREDFL_LOGITS, FORMAT_RAW, Detections, HeadSpec,
-                                         PostprocessError, candidates, check_output, dfl_decode, make_anchors, nms,
-                                         postprocess, postprocess_one, spec_from_metadata)
+from edge_runtime.postprocess import (
+    FORMAT_PREDFL,
+    FORMAT_PREDFL_LOGITS,
+    FORMAT_RAW,
+    Detections,
+    HeadSpec,
+    PostprocessError,
+    candidates,
+    check_output,
+    dfl_decode,
+    make_anchors,
+    nms,
+    postprocess,
+    postprocess_one,
+    spec_from_metadata,
+)
 from edge_runtime.preprocess import Letterbox, preprocess
 
 
@@ -86,7 +99,8 @@ def test_bad_shapes_and_thresholds() -> None:
 def test_dfl_decode_matches_ultralytics() -> None:
     torch = pytest.importorskip("torch")
     from ultralytics.nn.modules.block import DFL
-    from ultralytics.utils.tal import dist2bbox, make_anchors as u_make_anchors
+    from ultralytics.utils.tal import dist2bbox
+    from ultralytics.utils.tal import make_anchors as u_make_anchors
 
     imgsz, reg_max, strides = 96, 16, (8, 16, 32)
     feats = [torch.zeros(1, 1, imgsz // s, imgsz // s) for s in strides]

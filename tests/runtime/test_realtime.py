@@ -16,12 +16,22 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_runtime.manifest import OrtSettings
 from edge_runtime.backends import OrtBackend
-from edge_runtime.postprocess import HeadSpec
-from edge_runtime.realtime import (FrameSource, ImageFolderSource, LatestSlot, RealtimeLoop, Result, SourceError,
-                                      SyntheticSource, ThermalGovernor, UnboundedQueue, open_source)
 from edge_runtime.detector import Detector
+from edge_runtime.manifest import OrtSettings
+from edge_runtime.postprocess import HeadSpec
+from edge_runtime.realtime import (
+    FrameSource,
+    ImageFolderSource,
+    LatestSlot,
+    RealtimeLoop,
+    Result,
+    SourceError,
+    SyntheticSource,
+    ThermalGovernor,
+    UnboundedQueue,
+    open_source,
+)
 from edge_runtime.thermal import ThermalReader
 
 

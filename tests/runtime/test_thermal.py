@@ -7,8 +7,17 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from edge_runtime.thermal import (ThermalReader, ThermalSampler, cpu_zone_temperature, cpufreq, decode_throttled,
-                                     nvpmodel, parse_throttled, parse_vcgencmd_temp, thermal_zones)
+from edge_runtime.thermal import (
+    ThermalReader,
+    ThermalSampler,
+    cpu_zone_temperature,
+    cpufreq,
+    decode_throttled,
+    nvpmodel,
+    parse_throttled,
+    parse_vcgencmd_temp,
+    thermal_zones,
+)
 
 
 def write(root: Path, rel: str, text: str) -> None:
