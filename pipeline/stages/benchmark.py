@@ -23,7 +23,6 @@ stage is not bit-reproducible (see the README's "Reproducibility").
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -48,7 +47,8 @@ from edge_runtime.manifest import OrtSettings
 from edge_runtime.postprocess import FORMAT_RAW, spec_from_metadata
 from edge_runtime.sysinfo import describe_device
 from pipeline.config import paths
-from pipeline.config.params import BaseParams, BenchmarkParams, ExportParams, QuantizeParams, load_params
+from pipeline.config.params import BaseParams, BenchmarkParams, ExportParams, QuantizeParams
+from pipeline.config.stage_cli import stage_cli, stage_params
 from pipeline.imagesets.yolo import decode_image
 from pipeline.onnx_models.calibration_sets import calibration_frame_paths, rebuild_calibration_tensors
 from pipeline.tracking.mlflow_runs import lineage_tags, log_metrics, set_tags, stage_run
@@ -343,28 +343,23 @@ def mlflow_metrics(doc: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The stage CLI: paths only (hyper-parameters live in params.yaml)."""
-    ap = argparse.ArgumentParser(prog="python -m pipeline.stages.benchmark", description=__doc__.splitlines()[0])
-    ap.add_argument("--weights", type=Path, default=paths.WEIGHTS)
-    ap.add_argument("--model", type=Path, default=paths.ONNX_MODEL)
-    ap.add_argument("--int8", type=Path, default=paths.INT8_MODEL)
-    ap.add_argument("--dynamic", type=Path, default=paths.DYNAMIC_MODEL)
-    ap.add_argument("--calibration", type=Path, default=paths.CALIBRATION_DIR)
-    ap.add_argument("--results", type=Path, default=paths.BENCHMARK_RESULTS)
-    ap.add_argument("--csv", type=Path, default=paths.BENCHMARK_CSV)
-    ap.add_argument("--samples", type=Path, default=paths.BENCHMARK_SAMPLES)
-    ap.add_argument("--params", type=Path, default=paths.PARAMS_FILE)
-    return ap.parse_args(argv)
+parse_args = stage_cli(
+    "benchmark", __doc__,
+    weights=paths.WEIGHTS,
+    model=paths.ONNX_MODEL,
+    int8=paths.INT8_MODEL,
+    dynamic=paths.DYNAMIC_MODEL,
+    calibration=paths.CALIBRATION_DIR,
+    results=paths.BENCHMARK_RESULTS,
+    csv=paths.BENCHMARK_CSV,
+    samples=paths.BENCHMARK_SAMPLES,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the stage: build/measure every variant at every size, write results JSON + CSV, one MLflow run."""
     args = parse_args(argv)
-    base = load_params("base", BaseParams, args.params)
-    p = load_params("benchmark", BenchmarkParams, args.params)
-    q = load_params("quantize", QuantizeParams, args.params)
-    export = load_params("export", ExportParams, args.params)
+    base, p, q, export = stage_params(args, "base", "benchmark", "quantize", "export")
     inputs = BenchmarkInputs(args.weights, args.model, args.int8, args.dynamic, args.calibration)
     tags = lineage_tags(weights=args.weights, onnx=args.model, int8=args.int8, dynamic=args.dynamic)
     with stage_run("benchmark", base, p, q, export, tags=tags):

@@ -19,7 +19,6 @@ in at the end, so an error in any set leaves every previous set untouched.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import os
@@ -35,7 +34,8 @@ import numpy as np
 from edge_runtime import preprocess
 from edge_runtime.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from pipeline.config import paths
-from pipeline.config.params import BaseParams, CalibrateParams, ExportParams, load_params
+from pipeline.config.params import BaseParams, CalibrateParams, ExportParams
+from pipeline.config.stage_cli import stage_cli, stage_params
 from pipeline.imagesets.yolo import IMAGE_SUFFIXES, decode_image
 from pipeline.tracking.mlflow_runs import lineage_tags, log_metrics, set_tags, stage_run
 
@@ -363,26 +363,20 @@ def calibrate_metrics(manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The stage CLI: paths only (hyper-parameters live in params.yaml)."""
-    ap = argparse.ArgumentParser(prog="python -m pipeline.stages.calibrate", description=__doc__.splitlines()[0])
-    ap.add_argument("--frames", type=Path, default=paths.CAMERA_FRAMES_DIR,
-                    help="the camera stage's output (its frames/ folder is the camera set's source)")
-    ap.add_argument("--dataset", type=Path, default=paths.DATASET_DIR,
-                    help="the training dataset (images/train is the train set's source)")
-    ap.add_argument("--camera-out", type=Path, default=paths.CALIBRATION_CAMERA)
-    ap.add_argument("--train-out", type=Path, default=paths.CALIBRATION_TRAIN)
-    ap.add_argument("--metrics", type=Path, default=paths.CALIBRATE_METRICS)
-    ap.add_argument("--params", type=Path, default=paths.PARAMS_FILE)
-    return ap.parse_args(argv)
+parse_args = stage_cli(
+    "calibrate", __doc__,
+    frames=(paths.CAMERA_FRAMES_DIR, "the camera stage's output (its frames/ folder is the camera set's source)"),
+    dataset=(paths.DATASET_DIR, "the training dataset (images/train is the train set's source)"),
+    camera_out=paths.CALIBRATION_CAMERA,
+    train_out=paths.CALIBRATION_TRAIN,
+    metrics=paths.CALIBRATE_METRICS,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the stage: build both calibration sets, write metrics, log one MLflow run."""
     args = parse_args(argv)
-    base = load_params("base", BaseParams, args.params)
-    p = load_params("calibrate", CalibrateParams, args.params)
-    export = load_params("export", ExportParams, args.params)
+    base, p, export = stage_params(args, "base", "calibrate", "export")
     with stage_run("calibrate", base, p, tags=lineage_tags(camera_frames=args.frames, dataset=args.dataset)):
         manifests = build_calibration_sets(args.frames, args.dataset,
                                            {"camera": args.camera_out, "train": args.train_out}, p, export, base)

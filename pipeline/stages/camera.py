@@ -24,7 +24,6 @@ error (a corrupt frame, mixed sizes, an empty folder) leaves the previous output
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
@@ -38,7 +37,8 @@ import yaml
 
 from edge_runtime.fileio import atomic_write_json
 from pipeline.config import paths
-from pipeline.config.params import BaseParams, CameraModelParams, CameraParams, DataParams, load_params
+from pipeline.config.params import BaseParams, CameraModelParams, CameraParams, DataParams
+from pipeline.config.stage_cli import stage_cli, stage_params
 from pipeline.imagesets.synthetic import CLASS_NAMES, GeneratorConfig, image_rng, render_image
 from pipeline.imagesets.yolo import (
     IMAGE_SUFFIXES,
@@ -478,23 +478,18 @@ def _swap_in(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The stage CLI: paths only (hyper-parameters, the ingest folders included, live in params.yaml)."""
-    ap = argparse.ArgumentParser(prog="python -m pipeline.stages.camera", description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset-yaml", type=Path, default=paths.DATASET_YAML,
-                    help="the training set's dataset.yaml (class names for the labelled split)")
-    ap.add_argument("--out", type=Path, default=paths.CAMERA_FRAMES_DIR)
-    ap.add_argument("--metrics", type=Path, default=paths.CAMERA_METRICS)
-    ap.add_argument("--params", type=Path, default=paths.PARAMS_FILE)
-    return ap.parse_args(argv)
+parse_args = stage_cli(
+    "camera", __doc__,
+    dataset_yaml=(paths.DATASET_YAML, "the training set's dataset.yaml (class names for the labelled split)"),
+    out=paths.CAMERA_FRAMES_DIR,
+    metrics=paths.CAMERA_METRICS,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the stage: build the camera frames, write per-camera stats as DVC metrics, log to MLflow."""
     args = parse_args(argv)
-    base = load_params("base", BaseParams, args.params)
-    data = load_params("data", DataParams, args.params)
-    p = load_params("camera", CameraParams, args.params)
+    base, data, p = stage_params(args, "base", "data", "camera")
     tags = {"camera_source": p.source, **lineage_tags(dataset=args.dataset_yaml.parent)}
     with stage_run("camera", base, p, tags=tags):
         result = build_camera_frames(args.out, args.dataset_yaml, p, data, base)

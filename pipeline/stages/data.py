@@ -9,7 +9,6 @@ at the end, so an error leaves the previous `data/defects/` untouched.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,8 @@ import cv2
 
 from edge_runtime.fileio import atomic_write_json
 from pipeline.config import paths
-from pipeline.config.params import BaseParams, DataParams, load_params
+from pipeline.config.params import BaseParams, DataParams
+from pipeline.config.stage_cli import stage_cli, stage_params
 from pipeline.imagesets.synthetic import CLASS_NAMES, GeneratorConfig, image_rng, render_image
 from pipeline.imagesets.yolo import DatasetSummary, DatasetWriter, Sample, decode_image, import_voc, import_yolo
 from pipeline.tracking.mlflow_runs import lineage_tags, log_metrics, set_tags, stage_run
@@ -78,20 +78,17 @@ def build_dataset(out: Path, p: DataParams, base: BaseParams) -> DataResult:
     return import_dataset(out, p, base.seed)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The stage CLI: paths only (hyper-parameters live in params.yaml)."""
-    ap = argparse.ArgumentParser(prog="python -m pipeline.stages.data", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=paths.DATASET_DIR)
-    ap.add_argument("--metrics", type=Path, default=paths.DATA_METRICS)
-    ap.add_argument("--params", type=Path, default=paths.PARAMS_FILE)
-    return ap.parse_args(argv)
+parse_args = stage_cli(
+    "data", __doc__,
+    out=paths.DATASET_DIR,
+    metrics=paths.DATA_METRICS,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the stage: build the dataset, write per-class counts as DVC metrics, log to MLflow."""
     args = parse_args(argv)
-    base = load_params("base", BaseParams, args.params)
-    p = load_params("data", DataParams, args.params)
+    base, p = stage_params(args, "base", "data")
     with stage_run("data", base, p, tags={"data_source": p.source}):
         result = build_dataset(args.out, p, base)
         metrics = result.summary.as_metrics()

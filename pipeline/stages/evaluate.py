@@ -20,7 +20,6 @@ recall, drop vs FP32) and reports/evaluate/per_class.csv (model, split, class, A
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -45,7 +44,8 @@ from pipeline.accuracy.mean_ap import (
     onnx_session,
 )
 from pipeline.config import paths
-from pipeline.config.params import BaseParams, EvaluateParams, QuantizeParams, load_params
+from pipeline.config.params import BaseParams, EvaluateParams, QuantizeParams
+from pipeline.config.stage_cli import stage_cli, stage_params
 from pipeline.config.ultralytics_env import import_ultralytics
 from pipeline.onnx_models.calibration_sets import load_calibration_tensors
 from pipeline.onnx_models.graph import metadata, set_metadata
@@ -289,29 +289,25 @@ def mlflow_metrics(r: EvaluateResult) -> dict[str, float]:
     return out
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The stage CLI: paths only (hyper-parameters live in params.yaml)."""
-    ap = argparse.ArgumentParser(prog="python -m pipeline.stages.evaluate", description=__doc__.splitlines()[0])
-    ap.add_argument("--weights", type=Path, default=paths.WEIGHTS)
-    ap.add_argument("--model", type=Path, default=paths.ONNX_MODEL)
-    ap.add_argument("--int8", type=Path, default=paths.INT8_MODEL)
-    ap.add_argument("--dynamic", type=Path, default=paths.DYNAMIC_MODEL)
-    ap.add_argument("--calibration", type=Path, default=paths.CALIBRATION_DIR)
-    ap.add_argument("--quantize-metrics", type=Path, default=paths.QUANTIZE_METRICS)
-    ap.add_argument("--data", type=Path, default=paths.DATASET_DIR)
-    ap.add_argument("--camera", type=Path, default=paths.CAMERA_LABELLED)
-    ap.add_argument("--metrics", type=Path, default=paths.EVALUATE_METRICS)
-    ap.add_argument("--per-class", type=Path, default=paths.EVALUATE_PER_CLASS)
-    ap.add_argument("--params", type=Path, default=paths.PARAMS_FILE)
-    return ap.parse_args(argv)
+parse_args = stage_cli(
+    "evaluate", __doc__,
+    weights=paths.WEIGHTS,
+    model=paths.ONNX_MODEL,
+    int8=paths.INT8_MODEL,
+    dynamic=paths.DYNAMIC_MODEL,
+    calibration=paths.CALIBRATION_DIR,
+    quantize_metrics=paths.QUANTIZE_METRICS,
+    data=paths.DATASET_DIR,
+    camera=paths.CAMERA_LABELLED,
+    metrics=paths.EVALUATE_METRICS,
+    per_class=paths.EVALUATE_PER_CLASS,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the stage: evaluate every model on every split, write metrics + per-class CSV, one MLflow run."""
     args = parse_args(argv)
-    base = load_params("base", BaseParams, args.params)
-    p = load_params("evaluate", EvaluateParams, args.params)
-    q = load_params("quantize", QuantizeParams, args.params)
+    base, p, q = stage_params(args, "base", "evaluate", "quantize")
     inputs = EvaluateInputs(args.weights, args.model, args.int8, args.dynamic, args.calibration,
                             args.quantize_metrics, args.data, args.camera)
     tags = {**({"source_model_sha256": sha256_file(args.int8)} if args.int8.is_file() else {}),

@@ -12,7 +12,6 @@ tolerances in params.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -24,7 +23,8 @@ import numpy as np
 from edge_runtime.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from edge_runtime.preprocess import preprocess
 from pipeline.config import paths
-from pipeline.config.params import BaseParams, ExportParams, load_params
+from pipeline.config.params import BaseParams, ExportParams
+from pipeline.config.stage_cli import stage_cli, stage_params
 from pipeline.config.ultralytics_env import VOLATILE_ONNX_METADATA, import_ultralytics
 from pipeline.imagesets.yolo import decode_image, iter_split_files
 from pipeline.tracking.mlflow_runs import lineage_tags, log_artifact, log_metrics, set_tags, stage_run
@@ -129,22 +129,19 @@ def export(weights: Path, dataset_dir: Path, out: Path, p: ExportParams, base: B
     return ExportResult(len(onnx_bytes), box_diff, score_diff, len(images), nodes)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The stage CLI: paths only (hyper-parameters live in params.yaml)."""
-    ap = argparse.ArgumentParser(prog="python -m pipeline.stages.export", description=__doc__.splitlines()[0])
-    ap.add_argument("--weights", type=Path, default=paths.WEIGHTS)
-    ap.add_argument("--data", type=Path, default=paths.DATASET_DIR)
-    ap.add_argument("--out", type=Path, default=paths.ONNX_MODEL)
-    ap.add_argument("--metrics", type=Path, default=paths.EXPORT_METRICS)
-    ap.add_argument("--params", type=Path, default=paths.PARAMS_FILE)
-    return ap.parse_args(argv)
+parse_args = stage_cli(
+    "export", __doc__,
+    weights=paths.WEIGHTS,
+    data=paths.DATASET_DIR,
+    out=paths.ONNX_MODEL,
+    metrics=paths.EXPORT_METRICS,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the stage: export, parity-check, write model + metrics, log one MLflow run."""
     args = parse_args(argv)
-    base = load_params("base", BaseParams, args.params)
-    p = load_params("export", ExportParams, args.params)
+    base, p = stage_params(args, "base", "export")
     with stage_run("export", base, p, tags=lineage_tags(weights=args.weights, dataset=args.data)):
         r = export(args.weights, args.data, args.out, p, base)
         metrics = {

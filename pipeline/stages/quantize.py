@@ -16,7 +16,6 @@ explicit-quantization input) and `models/yolov8n.dynamic.onnx` (dynamic-quantiza
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import tempfile
@@ -38,7 +37,8 @@ from pipeline.accuracy.mean_ap import (
     paired_bootstrap_map,
 )
 from pipeline.config import paths
-from pipeline.config.params import BaseParams, QuantizeParams, load_params
+from pipeline.config.params import BaseParams, QuantizeParams
+from pipeline.config.stage_cli import stage_cli, stage_params
 from pipeline.onnx_models.calibration_sets import load_calibration_tensors
 from pipeline.onnx_models.graph import metadata, set_metadata
 from pipeline.onnx_models.int8_candidates import build_candidate, build_dynamic, describe, interleaved_latency
@@ -302,20 +302,18 @@ def candidates_csv(rows: Sequence[CandidateResult], fp32_map: float, fp32_ms: fl
     return buf.getvalue()
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The stage CLI: paths only (hyper-parameters live in params.yaml)."""
-    ap = argparse.ArgumentParser(prog="python -m pipeline.stages.quantize", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=paths.ONNX_MODEL)
-    ap.add_argument("--calibration", type=Path, default=paths.CALIBRATION_DIR)
-    ap.add_argument("--data", type=Path, default=paths.DATASET_DIR)
-    ap.add_argument("--camera", type=Path, default=paths.CAMERA_LABELLED, help="labelled camera split (YOLO folder)")
-    ap.add_argument("--int8", type=Path, default=paths.INT8_MODEL)
-    ap.add_argument("--trt", type=Path, default=paths.INT8_TRT_MODEL)
-    ap.add_argument("--dynamic", type=Path, default=paths.DYNAMIC_MODEL)
-    ap.add_argument("--candidates", type=Path, default=paths.QUANTIZE_CANDIDATES)
-    ap.add_argument("--metrics", type=Path, default=paths.QUANTIZE_METRICS)
-    ap.add_argument("--params", type=Path, default=paths.PARAMS_FILE)
-    return ap.parse_args(argv)
+parse_args = stage_cli(
+    "quantize", __doc__,
+    model=paths.ONNX_MODEL,
+    calibration=paths.CALIBRATION_DIR,
+    data=paths.DATASET_DIR,
+    camera=(paths.CAMERA_LABELLED, "labelled camera split (YOLO folder)"),
+    int8=paths.INT8_MODEL,
+    trt=paths.INT8_TRT_MODEL,
+    dynamic=paths.DYNAMIC_MODEL,
+    candidates=paths.QUANTIZE_CANDIDATES,
+    metrics=paths.QUANTIZE_METRICS,
+)
 
 
 def _weights_tag(onnx_path: Path) -> dict[str, str]:
@@ -331,8 +329,7 @@ def _weights_tag(onnx_path: Path) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> None:
     """Run the stage: candidates, gate, outputs, metrics, one MLflow run."""
     args = parse_args(argv)
-    base = load_params("base", BaseParams, args.params)
-    p = load_params("quantize", QuantizeParams, args.params)
+    base, p = stage_params(args, "base", "quantize")
     calib_dir = args.calibration / p.calibration_set
     tags = {**lineage_tags(onnx=args.model, calibration=calib_dir, dataset=args.data),
             **_weights_tag(args.model)}

@@ -19,7 +19,6 @@ reproducibility is checked").
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -33,7 +32,8 @@ import numpy as np
 
 from edge_runtime.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from pipeline.config import paths
-from pipeline.config.params import QuantizeParams, ReportParams, load_params
+from pipeline.config.params import QuantizeParams, ReportParams
+from pipeline.config.stage_cli import stage_cli, stage_params
 from pipeline.fleet.results import bench_metrics
 from pipeline.tracking.mlflow_runs import lineage_tags, log_artifact, log_metrics, set_tags, stage_run
 
@@ -486,29 +486,26 @@ def _source_run_tags(int8_sha: str) -> dict[str, str]:
     return {"source_run_id": run.info.run_id} if run is not None else {}
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The stage CLI: paths only (hyper-parameters live in params.yaml)."""
-    ap = argparse.ArgumentParser(prog="python -m pipeline.stages.report", description=__doc__.splitlines()[0])
-    ap.add_argument("--quantize-metrics", type=Path, default=paths.QUANTIZE_METRICS)
-    ap.add_argument("--candidates", type=Path, default=paths.QUANTIZE_CANDIDATES)
-    ap.add_argument("--evaluate-metrics", type=Path, default=paths.EVALUATE_METRICS)
-    ap.add_argument("--per-class", type=Path, default=paths.EVALUATE_PER_CLASS)
-    ap.add_argument("--bench-results", type=Path, default=paths.BENCHMARK_RESULTS)
-    ap.add_argument("--bench-samples", type=Path, default=paths.BENCHMARK_SAMPLES)
-    ap.add_argument("--fleet", type=Path, default=paths.FLEET_RESULTS_DIR)
-    ap.add_argument("--models", type=Path, default=paths.ONNX_MODEL.parent)
-    ap.add_argument("--markdown", type=Path, default=paths.REPORT_MARKDOWN)
-    ap.add_argument("--plots", type=Path, default=paths.REPORT_PLOTS_DIR)
-    ap.add_argument("--tables", type=Path, default=paths.REPORT_TABLES_DIR)
-    ap.add_argument("--params", type=Path, default=paths.PARAMS_FILE)
-    return ap.parse_args(argv)
+parse_args = stage_cli(
+    "report", __doc__,
+    quantize_metrics=paths.QUANTIZE_METRICS,
+    candidates=paths.QUANTIZE_CANDIDATES,
+    evaluate_metrics=paths.EVALUATE_METRICS,
+    per_class=paths.EVALUATE_PER_CLASS,
+    bench_results=paths.BENCHMARK_RESULTS,
+    bench_samples=paths.BENCHMARK_SAMPLES,
+    fleet=paths.FLEET_RESULTS_DIR,
+    models=paths.ONNX_MODEL.parent,
+    markdown=paths.REPORT_MARKDOWN,
+    plots=paths.REPORT_PLOTS_DIR,
+    tables=paths.REPORT_TABLES_DIR,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the stage: build the report, write markdown + plots + tables + summary, one MLflow summary run."""
     args = parse_args(argv)
-    p = load_params("report", ReportParams, args.params)
-    q = load_params("quantize", QuantizeParams, args.params)
+    p, q = stage_params(args, "report", "quantize")
     models = {"fp32": args.models / paths.ONNX_MODEL.name, "int8": args.models / paths.INT8_MODEL.name,
               "trt_onnx": args.models / paths.INT8_TRT_MODEL.name, "dynamic": args.models / paths.DYNAMIC_MODEL.name}
     inputs = ReportInputs(args.quantize_metrics, args.candidates, args.evaluate_metrics, args.per_class,

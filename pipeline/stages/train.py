@@ -12,7 +12,6 @@ training run produces byte-identical weights.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import shutil
@@ -24,7 +23,8 @@ from typing import Any
 
 from edge_runtime.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from pipeline.config import paths
-from pipeline.config.params import BaseParams, TrainParams, load_params
+from pipeline.config.params import BaseParams, TrainParams
+from pipeline.config.stage_cli import stage_cli, stage_params
 from pipeline.config.ultralytics_env import import_ultralytics
 from pipeline.tracking.mlflow_runs import (
     lineage_tags,
@@ -196,22 +196,19 @@ def write_epochs_csv(rows: list[dict[str, float]], path: Path) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The stage CLI: paths only (hyper-parameters live in params.yaml)."""
-    ap = argparse.ArgumentParser(prog="python -m pipeline.stages.train", description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=paths.DATASET_YAML)
-    ap.add_argument("--out", type=Path, default=paths.WEIGHTS)
-    ap.add_argument("--metrics", type=Path, default=paths.TRAIN_METRICS)
-    ap.add_argument("--epochs-csv", type=Path, default=paths.TRAIN_EPOCHS)
-    ap.add_argument("--params", type=Path, default=paths.PARAMS_FILE)
-    return ap.parse_args(argv)
+parse_args = stage_cli(
+    "train", __doc__,
+    data=paths.DATASET_YAML,
+    out=paths.WEIGHTS,
+    metrics=paths.TRAIN_METRICS,
+    epochs_csv=paths.TRAIN_EPOCHS,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the stage: train, write weights + metrics + per-epoch curve, log one MLflow run."""
     args = parse_args(argv)
-    base = load_params("base", BaseParams, args.params)
-    p = load_params("train", TrainParams, args.params)
+    base, p = stage_params(args, "base", "train")
     with stage_run("train", base, p, tags=lineage_tags(dataset=args.data.parent)):
         result = train(args.data, args.out, p, base)
         metrics = {
