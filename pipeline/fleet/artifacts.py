@@ -36,6 +36,7 @@ from edge_runtime.manifest import (
 )
 from pipeline.config import paths
 from pipeline.fleet.inventory import SAFE_NAME, Host
+from pipeline.onnx_models.load import ModelFileError, class_names, onnx_metadata
 
 RUNTIME_PACKAGE = "edge_runtime"  # the import name the device runs: python -m edge_runtime
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -147,31 +148,27 @@ def select_model_files(host: Host, models_dir: Path, model: str) -> tuple[Path, 
     return fp32, None
 
 
-def onnx_metadata(path: Path) -> dict[str, str]:
-    """The metadata_props of an ONNX model (class names, imgsz, output_format...)."""
-    import onnx  # lazy: only deploys need it, and it is light (no torch)
-
+def model_metadata(path: Path, stage: str) -> dict[str, str]:
+    """The metadata_props of a model the release ships (class names, imgsz, output_format...)."""
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # onnx raises DecodeError/ValueError/OSError depending on the damage
-        raise ArtifactError(f"{path}: not a readable ONNX model ({e}); re-run the stage that wrote it") from e
-    return {p.key: p.value for p in model.metadata_props}
+        return onnx_metadata(path, stage)
+    except ModelFileError as e:
+        raise ArtifactError(str(e)) from e
 
 
 def model_description(model_file: Path, fp32_file: Path) -> tuple[tuple[str, ...], int, str]:
     """(class names, imgsz, output_format) from the shipped model, falling back to the FP32 model."""
-    meta = onnx_metadata(model_file)
+    meta = model_metadata(model_file, "quantize" if model_file != fp32_file else "export")
     if "names" not in meta or "imgsz" not in meta:
-        meta = {**onnx_metadata(fp32_file), **meta}
+        meta = {**model_metadata(fp32_file, "export"), **meta}
     try:
-        names = ast.literal_eval(meta["names"])
+        names = class_names(meta, model_file, "export")
         imgsz = ast.literal_eval(meta["imgsz"])
-    except (KeyError, ValueError, SyntaxError) as e:
+        size = int(imgsz[0] if isinstance(imgsz, (list, tuple)) else imgsz)
+    except (ModelFileError, KeyError, ValueError, SyntaxError, TypeError, IndexError) as e:
         raise ArtifactError(f"{model_file}: ONNX metadata lacks usable 'names'/'imgsz' ({e}); export it with "
                             "`dvc repro export`") from e
-    class_names = tuple(str(names[k]) for k in sorted(names)) if isinstance(names, dict) else tuple(map(str, names))
-    size = int(imgsz[0] if isinstance(imgsz, (list, tuple)) else imgsz)
-    return class_names, size, meta.get("output_format", "yolov8-raw")
+    return names, size, meta.get("output_format", "yolov8-raw")
 
 
 def health_sample(samples_dir: Path) -> Path:

@@ -47,6 +47,27 @@ class _TensorReader:
         return len(self._tensors)
 
 
+PREPROCESSED_NAME = "fp32.pre.onnx"  # what preprocessed_fp32 leaves in `work` (build_dynamic reads it)
+
+
+def preprocessed_fp32(fp32_path: Path, work: Path) -> Any:
+    """ORT's quantization pre-processing (shape inference, folding) of the FP32 export, metadata kept.
+
+    Writes `work/fp32.pre.onnx` and returns it loaded. Pre-processing drops the metadata_props,
+    and the decode after quantization needs them, so they are copied back.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from pipeline.onnx_models.load import load_onnx
+
+    meta = metadata(load_onnx(fp32_path, "export", weights=False))
+    pre = work / PREPROCESSED_NAME
+    quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
+    model = load_onnx(pre, "export")
+    set_metadata(model, meta)
+    return model
+
+
 def _calibration_method(name: str) -> Any:
     from onnxruntime.quantization import CalibrationMethod
 

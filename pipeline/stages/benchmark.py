@@ -39,7 +39,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edge_runtime.backends import OrtBackend, parse_names
+from edge_runtime.backends import OrtBackend
 from edge_runtime.detector import Detector
 from edge_runtime.fileio import atomic_write_json, atomic_write_text, sha256_file
 from edge_runtime.latency import percentiles
@@ -51,6 +51,7 @@ from pipeline.config.params import BaseParams, BenchmarkParams, ExportParams, Qu
 from pipeline.config.stage_cli import stage_cli, stage_params
 from pipeline.imagesets.yolo import decode_image
 from pipeline.onnx_models.calibration_sets import calibration_frame_paths, rebuild_calibration_tensors
+from pipeline.onnx_models.load import class_names, input_size, load_onnx, onnx_metadata
 from pipeline.tracking.mlflow_runs import lineage_tags, log_metrics, set_tags, stage_run
 
 SCHEMA = 1
@@ -109,25 +110,9 @@ class Timings:
 # ------------------------------------------------------------------------------------------
 
 
-def _onnx_metadata(path: Path, stage: str) -> dict[str, str]:
-    import onnx
-
-    from pipeline.onnx_models.graph import metadata
-
-    if not path.is_file():
-        raise ValueError(f"{path} not found; run the {stage} stage first (dvc repro {stage})")
-    try:
-        return metadata(onnx.load(str(path), load_external_data=False))
-    except Exception as e:  # onnx raises DecodeError / its own types for a corrupt file
-        raise ValueError(f"{path} is not a readable ONNX model ({e}); re-run the {stage} stage") from e
-
-
 def model_imgsz(path: Path) -> int:
     """The square input size of an ONNX model (its static input shape)."""
-    import onnx
-
-    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
-    return int(dims[2].dim_value)
+    return input_size(load_onnx(path, "export", weights=False), path)
 
 
 def export_fp32(weights: Path, imgsz: int, export: ExportParams, work: Path) -> Path:
@@ -159,11 +144,12 @@ def models_at(imgsz: int, inputs: BenchmarkInputs, variants: Sequence[str], q: Q
     stage_models = {"fp32": inputs.fp32, "int8": inputs.int8, "dynamic": inputs.dynamic}
     if imgsz == model_imgsz(inputs.fp32):
         return {v: stage_models[v] for v in variants}
-    import onnx
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from pipeline.onnx_models.graph import metadata, set_metadata
-    from pipeline.onnx_models.int8_candidates import build_candidate, build_dynamic
+    from pipeline.onnx_models.int8_candidates import (
+        PREPROCESSED_NAME,
+        build_candidate,
+        build_dynamic,
+        preprocessed_fp32,
+    )
 
     if not inputs.weights.is_file():
         raise ValueError(f"{inputs.weights} not found; run the train stage first (dvc repro train)")
@@ -172,19 +158,18 @@ def models_at(imgsz: int, inputs: BenchmarkInputs, variants: Sequence[str], q: Q
     fp32_path = export_fp32(inputs.weights, imgsz, export, sub)
     out: dict[str, Path] = {"fp32": fp32_path}
     if "int8" in variants or "dynamic" in variants:
-        pre = sub / "fp32.pre.onnx"
-        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
+        fp32 = preprocessed_fp32(fp32_path, sub)
+        pre = sub / PREPROCESSED_NAME
         if "int8" in variants:
-            chosen = _onnx_metadata(inputs.int8, "quantize").get("quantization_candidate")
+            chosen = onnx_metadata(inputs.int8, "quantize").get("quantization_candidate")
             if chosen is None:
                 raise ValueError(f"{inputs.int8} has no 'quantization_candidate' metadata; re-run the quantize stage")
             candidate = q.candidate(chosen)
-            fp32 = onnx.load(str(pre))
-            set_metadata(fp32, metadata(onnx.load(str(fp32_path))))  # pre-processing drops it; decode needs it
             calib = rebuild_calibration_tensors(inputs.calibration / q.calibration_set, imgsz)
             out["int8"] = sub / f"yolov8n-{imgsz}.int8.onnx"
             out["int8"].write_bytes(build_candidate(fp32, candidate, calib, sub))
-            print(f"benchmark: built {candidate.name} at imgsz {imgsz} from {len(calib)} calibration frames", flush=True)
+            print(f"benchmark: built {candidate.name} at imgsz {imgsz} from {len(calib)} calibration frames",
+                  flush=True)
         if "dynamic" in variants:
             out["dynamic"] = sub / f"yolov8n-{imgsz}.dynamic.onnx"
             out["dynamic"].write_bytes(build_dynamic(pre, sub))
@@ -240,12 +225,12 @@ def peak_rss(model: Path, threads: int, runs: int) -> dict[str, float]:
 def benchmark(inputs: BenchmarkInputs, p: BenchmarkParams, q: QuantizeParams, export: ExportParams,
               base: BaseParams) -> dict[str, Any]:
     """Measure every variant at every size; returns the results.json document."""
-    names = parse_names(_onnx_metadata(inputs.fp32, "export").get("names", "{}"))
+    names = class_names(onnx_metadata(inputs.fp32, "export"), inputs.fp32, "export")
     if not names:
         raise ValueError(f"{inputs.fp32} has no 'names' metadata; re-export it with pipeline.stages.export")
     for v, path, stage in (("int8", inputs.int8, "quantize"), ("dynamic", inputs.dynamic, "quantize")):
         if v in p.variants:
-            _onnx_metadata(path, stage)  # missing or corrupt: fail before minutes of exporting
+            onnx_metadata(path, stage)  # missing or corrupt: fail before minutes of exporting
     frame_paths = calibration_frame_paths(inputs.calibration / q.calibration_set)[: p.frames]
     frames = [decode_image(f) for f in frame_paths]
     results: dict[str, dict[str, Any]] = {}

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from edge_runtime.backends import parse_names
 from edge_runtime.fileio import atomic_write_json, atomic_write_text, sha256_file
 from edge_runtime.postprocess import FORMAT_RAW
 from pipeline.accuracy.mean_ap import (
@@ -48,8 +47,9 @@ from pipeline.config.params import BaseParams, EvaluateParams, QuantizeParams
 from pipeline.config.stage_cli import stage_cli, stage_params
 from pipeline.config.ultralytics_env import import_ultralytics
 from pipeline.onnx_models.calibration_sets import load_calibration_tensors
-from pipeline.onnx_models.graph import metadata, set_metadata
-from pipeline.onnx_models.int8_candidates import build_candidate
+from pipeline.onnx_models.graph import set_metadata
+from pipeline.onnx_models.int8_candidates import build_candidate, preprocessed_fp32
+from pipeline.onnx_models.load import class_names, onnx_metadata
 from pipeline.tracking.mlflow_runs import lineage_tags, log_artifact, log_metrics, set_tags, stage_run
 
 CAMERA_SPLIT = "camera"  # key of the labelled camera-domain split in the outputs
@@ -95,12 +95,7 @@ def chosen_candidate_name(quantize_metrics: Path, int8_model: Path) -> str:
         chosen = json.loads(quantize_metrics.read_text())["chosen"]
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{quantize_metrics} is unreadable or has no 'chosen' ({e!r}); re-run the quantize stage") from e
-    import onnx
-
-    try:
-        meta = metadata(onnx.load(str(int8_model), load_external_data=False))
-    except Exception as e:  # onnx raises DecodeError / its own types for a corrupt file
-        raise ValueError(f"{int8_model} is not a readable ONNX model ({e}); re-run the quantize stage") from e
+    meta = onnx_metadata(int8_model, "quantize")
     if meta.get("quantization_candidate") != chosen:
         raise ValueError(f"{int8_model} was built by candidate {meta.get('quantization_candidate')!r} but "
                          f"{quantize_metrics} says {chosen!r}: the quantize outputs are out of sync; re-run it")
@@ -109,18 +104,11 @@ def chosen_candidate_name(quantize_metrics: Path, int8_model: Path) -> str:
 
 def class_names_of(model_path: Path) -> list[str]:
     """Class names from an exported model's metadata; a raw-export ONNX is required."""
-    import onnx
-
-    _require(model_path, "export")
-    try:
-        meta = metadata(onnx.load(str(model_path), load_external_data=False))
-    except Exception as e:  # onnx raises DecodeError / its own types for a corrupt file
-        raise ValueError(f"{model_path} is not a readable ONNX model ({e}); re-run the export stage") from e
-    if "names" not in meta:
-        raise ValueError(f"{model_path} has no 'names' metadata; re-export it with pipeline.stages.export")
+    meta = onnx_metadata(model_path, "export")
     if meta.get("output_format", FORMAT_RAW) != FORMAT_RAW:
-        raise ValueError(f"{model_path} has output_format {meta['output_format']}; evaluate expects the raw FP32 export")
-    return list(parse_names(meta["names"]))
+        raise ValueError(f"{model_path} has output_format {meta['output_format']}; evaluate expects the raw FP32 "
+                         "export")
+    return list(class_names(meta, model_path, "export"))
 
 
 def load_splits(inputs: EvaluateInputs, p: EvaluateParams, num_classes: int) -> tuple[dict[str, Any], dict[str, str]]:
@@ -194,12 +182,8 @@ def build_calibrated_int8(fp32_path: Path, calibration: Path, sets: Sequence[str
                           work: Path) -> dict[str, bytes]:
     """The chosen candidate's configuration built from each calibration set: `int8_calib_<set>` -> model bytes."""
     import onnx
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    pre = work / "fp32.pre.onnx"
-    quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
-    fp32 = onnx.load(str(pre))
-    set_metadata(fp32, metadata(onnx.load(str(fp32_path))))  # pre-processing drops the metadata; decode needs it
+    fp32 = preprocessed_fp32(fp32_path, work)
     out = {}
     for name in sets:
         tensors = load_calibration_tensors(calibration / name, imgsz)

@@ -41,7 +41,15 @@ from pipeline.config.params import BaseParams, QuantizeParams
 from pipeline.config.stage_cli import stage_cli, stage_params
 from pipeline.onnx_models.calibration_sets import load_calibration_tensors
 from pipeline.onnx_models.graph import metadata, set_metadata
-from pipeline.onnx_models.int8_candidates import build_candidate, build_dynamic, describe, interleaved_latency
+from pipeline.onnx_models.int8_candidates import (
+    PREPROCESSED_NAME,
+    build_candidate,
+    build_dynamic,
+    describe,
+    interleaved_latency,
+    preprocessed_fp32,
+)
+from pipeline.onnx_models.load import class_names, input_size, load_onnx, onnx_metadata
 from pipeline.tracking.mlflow_runs import lineage_tags, log_artifact, log_metrics, set_tags, stage_run
 
 
@@ -116,28 +124,19 @@ def quantize(model_path: Path, calib_dir: Path, dataset_dir: Path, outs: dict[st
     gate uses the val split alone and the result says why.
     """
     import onnx
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    if not model_path.is_file():
-        raise ValueError(f"{model_path} not found; run the export stage first (dvc repro export)")
-    try:
-        fp32_raw = onnx.load(str(model_path))
-    except Exception as e:
-        raise ValueError(f"{model_path} is not a readable ONNX model ({e}); re-run the export stage") from e
+    fp32_raw = load_onnx(model_path, "export")
     meta = metadata(fp32_raw)
     if meta.get("output_format", FORMAT_RAW) != FORMAT_RAW:
         raise ValueError(f"{model_path} has output_format {meta.get('output_format')}; quantize expects the raw export")
-    names = _class_names(meta, model_path)
-    calib = load_calibration_tensors(calib_dir, int(fp32_raw.graph.input[0].type.tensor_type.shape.dim[2].dim_value))
+    names = list(class_names(meta, model_path, "export"))
+    calib = load_calibration_tensors(calib_dir, input_size(fp32_raw, model_path))
     items = load_split(dataset_dir, p.eval_split, len(names), p.eval_images or None)
     cam_items, camera_skipped = _camera_split(camera_dir, p, len(names))
 
     with tempfile.TemporaryDirectory(prefix="quantize-") as tmp:
         work = Path(tmp)
-        pre = work / "fp32.pre.onnx"
-        quant_pre_process(str(model_path), str(pre), skip_symbolic_shape=False)
-        fp32 = onnx.load(str(pre))
-        set_metadata(fp32, meta)
+        fp32 = preprocessed_fp32(model_path, work)
         fp32_session = onnx_session(model_path, base.threads)
         fp32_stats = image_stats(fp32_session, items, names)[0]
         fp32_cam_stats = image_stats(fp32_session, cam_items, names)[0] if cam_items else []
@@ -189,7 +188,7 @@ def quantize(model_path: Path, calib_dir: Path, dataset_dir: Path, outs: dict[st
 
         trt = build_candidate(fp32, p.trt, calib, work)
         atomic_write_bytes(outs["trt"], trt)
-        dyn = build_dynamic(pre, work)
+        dyn = build_dynamic(work / PREPROCESSED_NAME, work)
         atomic_write_bytes(outs["dynamic"], dyn)
     return QuantizeResult(fp32_map, fp32_ms, model_path.stat().st_size, rows, chosen, len(trt), len(dyn),
                           fp32_cam, camera_skipped)
@@ -267,15 +266,6 @@ def gate_verdict(rows: Sequence[CandidateResult], max_map_drop: float) -> str:
             "labelled camera frames) would decide them.\n")
 
 
-def _class_names(meta: dict[str, str], model_path: Path) -> list[str]:
-    import ast
-
-    if "names" not in meta:
-        raise ValueError(f"{model_path} has no 'names' metadata; re-export it with pipeline.stages.export")
-    names = ast.literal_eval(meta["names"])
-    return [names[i] for i in sorted(names)]
-
-
 def candidates_csv(rows: Sequence[CandidateResult], fp32_map: float, fp32_ms: float, fp32_size: int,
                    fp32_map_camera: float | None = None) -> str:
     """The candidate table as CSV text (FP32 reference first); camera columns empty when not gated
@@ -319,10 +309,8 @@ parse_args = stage_cli(
 def _weights_tag(onnx_path: Path) -> dict[str, str]:
     """`weights_sha256` from the FP32 ONNX's metadata (export records its source weights)."""
     if not onnx_path.is_file():
-        return {}
-    import onnx
-
-    meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+        return {}  # quantize() itself then fails with the fix
+    meta = onnx_metadata(onnx_path, "export")
     return {"weights_sha256": meta["source_weights_sha256"]} if meta.get("source_weights_sha256") else {}
 
 

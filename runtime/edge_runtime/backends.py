@@ -60,7 +60,9 @@ def parse_names(value: str) -> Tuple[str, ...]:
         raise BackendError(f"model metadata 'names' is not a literal dict/list: {value[:80]!r}") from e
     if isinstance(names, dict):
         return tuple(str(names[k]) for k in sorted(names))
-    return tuple(str(n) for n in names)
+    if isinstance(names, (list, tuple)):
+        return tuple(str(n) for n in names)
+    raise BackendError(f"model metadata 'names' must be a dict or list of class names, got {value[:80]!r}")
 
 
 class Backend:
