@@ -30,11 +30,11 @@ from pipeline.tools.repro_check import (
     compare_metrics,
     compare_runs,
     downstream,
-    flatten_metrics,
     main,
     prepare_workspace,
     within,
 )
+from pipeline.tracking.flatten import flatten
 
 CFG = load_params("repro_check", ReproCheckParams, REPO / "params.yaml")
 CFG_RAW = yaml.safe_load((REPO / "params.yaml").read_text())["repro_check"]
@@ -225,7 +225,7 @@ def test_downstream_follows_lock_deps() -> None:
 
 
 def test_metric_helpers() -> None:
-    assert flatten_metrics({"a": {"b": [1, {"c": 2}]}, "d": "x"}) == {"a.b[0]": 1, "a.b[1].c": 2, "d": "x"}
+    assert flatten({"a": {"b": [1, {"c": 2}]}, "d": "x"}) == {"a.b[0]": 1, "a.b[1].c": 2, "d": "x"}
     tol = MetricTolerance("*", abs_tol=0.01, rel_tol=0.1)
     assert within(1.0, 1.01, tol) and within(100.0, 109.0, tol) and not within(0.1, 0.2, tol)
     assert within(float("nan"), float("nan"), None) and not within(1.0, 1.0 + 1e-12, None)

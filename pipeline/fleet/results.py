@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
+
+from pipeline.tracking.flatten import numeric_leaves
 
 
 @dataclass
@@ -99,18 +100,6 @@ def format_table(command: str, results: Sequence[HostResult], wall_s: float | No
     return "\n".join(out + [tail])
 
 
-def _flatten(doc: Any, prefix: str = "") -> dict[str, float]:
-    out: dict[str, float] = {}
-    if isinstance(doc, Mapping):
-        for k, v in doc.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-    elif isinstance(doc, bool):
-        out[prefix[:-1]] = float(doc)
-    elif isinstance(doc, (int, float)) and math.isfinite(float(doc)):
-        out[prefix[:-1]] = float(doc)
-    return out
-
-
 # Headline metric -> its key in the device's bench JSON (runtime/edge_runtime/latency.py, flattened).
 HEADLINE_KEYS: dict[str, str] = {
     "latency_p50_ms": "latency_ms.p50",
@@ -128,7 +117,7 @@ def bench_metrics(doc: Mapping[str, Any]) -> dict[str, float]:
 
     Leaves are prefixed `bench.` so the headline names stay the ones compared across devices.
     """
-    flat = _flatten({k: v for k, v in doc.items() if k not in ("device",)})
+    flat = numeric_leaves({k: v for k, v in doc.items() if k not in ("device",)})
     out = {f"bench.{k}": v for k, v in flat.items()}
     for name, key in HEADLINE_KEYS.items():
         if key in flat:  # absent when the device cannot measure it (no thermal zone, say)

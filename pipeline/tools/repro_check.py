@@ -52,6 +52,7 @@ import yaml
 
 from pipeline.config.params import MetricTolerance, ReproCheckParams, load_params
 from pipeline.config.paths import PARAMS_FILE, repo_root
+from pipeline.tracking.flatten import flatten
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
 _MAX_LISTED_FILES = 10  # files named per differing folder; more are counted, not listed
@@ -197,21 +198,6 @@ def downstream(lock: Mapping[str, Mapping[str, Any]], stage: str) -> set[str]:
     return reached
 
 
-def flatten_metrics(value: Any, prefix: str = "") -> dict[str, Any]:
-    """A metrics document as dotted keys (`val.int8.mAP50-95`); list items as `key[0]`."""
-    if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(flatten_metrics(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    if isinstance(value, list):
-        out = {}
-        for i, v in enumerate(value):
-            out.update(flatten_metrics(v, f"{prefix}[{i}]"))
-        return out
-    return {prefix: value}
-
-
 def load_metrics(path: Path) -> dict[str, Any]:
     """Read a JSON or YAML metrics file, flattened; an unreadable file is a ReproCheckError."""
     if not path.is_file():
@@ -220,7 +206,7 @@ def load_metrics(path: Path) -> dict[str, Any]:
         raw = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise ReproCheckError(f"{path}: not valid JSON/YAML ({e})") from e
-    return flatten_metrics(raw)
+    return flatten(raw)
 
 
 def _is_number(v: Any) -> bool:
