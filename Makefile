@@ -4,7 +4,7 @@ SHELL := /bin/bash
 export YOLO_OFFLINE := 1
 VENV := .venv/bin
 
-.PHONY: run test test-fast bootstrap repro deploy-local report repro-check
+.PHONY: run test test-fast lint bootstrap repro deploy-local report repro-check
 
 bootstrap:
 	scripts/bootstrap.sh
@@ -14,20 +14,30 @@ bootstrap:
 ## report then folds in (`dvc repro` re-runs only `report`); everything in ./mlflow.db.
 run: bootstrap repro deploy-local report
 
+## The report with the latest device results folded in; ends with its headline table and where the
+## report, its plots and the MLflow UI are (printed again here: DVC's lock-file notes follow the
+## stage's own output, and an up-to-date stage prints nothing). `dvc metrics show` has the dozen
+## headline numbers too.
 report:
 	source $(VENV)/activate && dvc repro report
-	@echo "Report: reports/report.md (plots in reports/plots/); MLflow: mlflow ui --backend-store-uri sqlite:///mlflow.db"
+	@source $(VENV)/activate && python -c 'import sys; from pipeline.stages.report import print_headline; sys.exit(print_headline())'
 
 repro:
 	source $(VENV)/activate && dvc repro
-	source $(VENV)/activate && dvc metrics show
 
 deploy-local:
 	source $(VENV)/activate && fab deploy --group local
 
-## Every test, including the slow end-to-end `dvc repro` and the real-sshd fleet tests.
+## Lint: ruff over the repository (config in pyproject.toml), and vermin: the device runtime must
+## not need more than Python 3.8 (JetPack 5). Either failing fails `make test`.
+lint: bootstrap
+	source $(VENV)/activate && ruff check .
+	source $(VENV)/activate && vermin --target=3.8- --violations --eval-annotations --no-tips -q runtime/edge_runtime
+
+## Every test, including the slow end-to-end `dvc repro` and the real-sshd fleet tests; lint first.
 test:
 	scripts/bootstrap.sh --with-sshd --with-browser
+	$(MAKE) --no-print-directory lint
 	source $(VENV)/activate && python -m pytest
 
 ## Unit tests only (no training, no sshd, no MLflow server or browser).
