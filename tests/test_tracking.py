@@ -50,8 +50,7 @@ def test_sanitize_metric_names() -> None:
 
 
 def test_lineage_tags_files_folders_and_bad_names(tmp_path: Path) -> None:
-    from edge_runtime.fileio import sha256_file
-    from pipeline.imagesets.yolo import dataset_fingerprint
+    from edge_runtime.fileio import sha256_file, tree_sha256
     from pipeline.tracking.mlflow_runs import lineage_tags
 
     data = tmp_path / "defects"
@@ -61,7 +60,7 @@ def test_lineage_tags_files_folders_and_bad_names(tmp_path: Path) -> None:
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"weights")
     tags = lineage_tags(dataset=data, weights=weights, onnx=tmp_path / "missing.onnx", int8=None)
-    assert tags == {"dataset_sha256": dataset_fingerprint(data), "weights_sha256": sha256_file(weights)}
+    assert tags == {"dataset_sha256": tree_sha256(data, exclude_suffixes=(".cache",)), "weights_sha256": sha256_file(weights)}
     (data / "labels" / "train.cache").write_bytes(b"different litter")
     assert lineage_tags(dataset=data)["dataset_sha256"] == tags["dataset_sha256"]
     with pytest.raises(ValueError, match="unknown lineage artifact 'model'"):

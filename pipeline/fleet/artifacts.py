@@ -17,7 +17,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import os
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -271,8 +270,3 @@ def utc_stamp() -> str:
 
     now = dt.datetime.now(dt.timezone.utc)
     return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond:06d}Z"
-
-
-def env_flag(name: str) -> bool:
-    """True when environment variable `name` is set to 1/true/yes."""
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

@@ -235,17 +235,6 @@ def device_status(conn: Any, host: Host) -> dict[str, Any]:
     return run_helper(conn, host, "status", {"deploy_dir": host.deploy_dir})
 
 
-def release_runtime(conn: Any, host: Host, deploy_dir: str, release: str) -> str:
-    """The runtime folder a published release runs with (from its manifest's source.runtime)."""
-    res = conn.run(f"cat {_q(posixpath.join(deploy_dir, 'releases', release, 'manifest.json'))}", timeout=60)
-    if res.exited != 0:
-        raise StepError(f"release {release} has no manifest on the device ({last_error_line(res)})")
-    runtime = json.loads(res.stdout).get("source", {}).get("runtime")
-    if not runtime:
-        raise StepError(f"release {release}'s manifest names no runtime; redeploy it")
-    return runtime
-
-
 def collect_frames(conn: Any, host: Host, count: int, dest: Path, result: HostResult) -> list[Path]:
     """Pull the newest `count` camera frames into `dest` (skipping ones already here, verified)."""
     listing = run_helper(conn, host, "frames", {"dir": host.frames_dir, "count": count})

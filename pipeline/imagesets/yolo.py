@@ -382,13 +382,3 @@ def iter_split_files(dataset_dir: Path, split: str) -> Iterator[tuple[Path, Path
     """Yield (image, label) paths of one split of a written dataset, sorted by name."""
     for img in _images_under(dataset_dir / "images" / split):
         yield img, dataset_dir / "labels" / split / f"{img.stem}.txt"
-
-
-def dataset_fingerprint(dataset_dir: Path) -> str:
-    """sha256 over every file's relative path and content hash: the dataset's identity for lineage.
-
-    Label caches that Ultralytics may leave (`*.cache`) are not part of the dataset.
-    """
-    from edge_runtime.fileio import tree_sha256
-
-    return tree_sha256(dataset_dir, exclude_suffixes=(".cache",))

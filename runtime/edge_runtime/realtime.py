@@ -21,7 +21,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import sys
 import threading
 import time
 from collections import deque
@@ -589,8 +588,3 @@ def summary_line(summary: Dict[str, Any]) -> str:
     return (f"run {summary['source']}: {summary['frames_handled']} frames handled of {summary['frames_captured']} "
             f"captured ({summary['frames_dropped']} dropped) in {summary['duration_s']} s, {summary['fps']} FPS, "
             f"mean frame age {age} ms, {len(summary['thermal_switches'])} thermal switches")
-
-
-def stdout_handler(class_names: Optional[Sequence[str]] = None) -> JsonLinesHandler:
-    """JSON lines to stdout."""
-    return JsonLinesHandler(sys.stdout, class_names)
