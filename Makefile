@@ -1,4 +1,4 @@
-# The two entry points a newcomer needs (see README): `make run` and `make test`.
+# The two entry points a newcomer needs (README, first screen): `make run` and `make test`.
 # Both install what they need first (scripts/bootstrap.sh is idempotent).
 SHELL := /bin/bash
 export YOLO_OFFLINE := 1
@@ -46,7 +46,7 @@ test-fast: bootstrap
 
 ## Reproducibility check: `dvc repro` twice from clean on tiny params in two temp workspaces (the
 ## working tree, uncommitted edits included), dvc.lock hashes and metrics compared by the rules in
-## params.yaml `repro_check` (README, "How reproducibility is checked"). Non-zero exit on a difference.
+## params.yaml `repro_check` (docs/reproducibility.md). Non-zero exit on a difference.
 ## REPRO_CHECK_ARGS passes options, e.g. `make repro-check REPRO_CHECK_ARGS="--stages data --from-head"`.
 repro-check: bootstrap
 	source $(VENV)/activate && python -m pipeline.tools.repro_check $(REPRO_CHECK_ARGS)

@@ -114,7 +114,7 @@ def build_candidate(fp32: Any, c: QuantizeCandidate, calib: np.ndarray, workdir:
     extra = {
         # U8 + symmetric = zero point 128: the fast U8S8 kernels with a symmetric range. Measured
         # here, asymmetric U8 ranges lost 0.8-1.7 points of mAP50-95 on camera frames where the
-        # symmetric ones lost 0.1 (README, "INT8 on camera frames").
+        # symmetric ones lost 0.1 (docs/results.md).
         "ActivationSymmetric": c.symmetric,
         "WeightSymmetric": True,
         "CalibPercentile": c.percentile,
