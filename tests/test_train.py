@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ def test_silu_uses_the_model_param(tmp_path: Path) -> None:
 def test_relu_variant_is_yolov8n_with_relu(tmp_path: Path) -> None:
     from ultralytics.nn.tasks import DetectionModel
 
-    p = dataclasses.replace(load_params("train", TrainParams), activation="ReLU")
+    p = load_params("train", TrainParams).replace(activation="ReLU")
     spec = Path(model_spec(p, tmp_path))
     cfg = yaml.safe_load(spec.read_text())
     assert cfg["scale"] == "n" and cfg["activation"] == "torch.nn.ReLU()"
@@ -35,7 +34,7 @@ def test_relu_variant_is_yolov8n_with_relu(tmp_path: Path) -> None:
 def test_relu_with_pretrained_weights_is_refused() -> None:
     p = load_params("train", TrainParams)
     with pytest.raises(ValueError, match="pretrained weights keep the activation"):
-        dataclasses.replace(p, model="yolov8n.pt", activation="ReLU")
+        p.replace(model="yolov8n.pt", activation="ReLU")
 
 
 def test_checkpoint_loses_timestamp_and_temp_paths(tmp_path: Path) -> None:

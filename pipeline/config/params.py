@@ -1,269 +1,717 @@
-"""Load and validate `params.yaml` sections into frozen dataclasses.
+"""Load and validate `params.yaml` into frozen pydantic models, one per section.
 
-`params.yaml` is the single source of hyper-parameters: nothing here has a default. A section is
-turned into its dataclass field by field; an unknown key, a missing key or a value of the wrong
-type is a `ValueError` that names the key and the file, so a typo never silently falls back to a
-value hidden in code.
+`params.yaml` is the single source of hyper-parameters: no field has a default. The whole file is
+validated at once against `ParamsFile` (every section, nothing else), so a misspelt section, an
+unknown or missing key, a key listed twice, a value of the wrong type, a non-finite float or a
+value out of range is a `ParamsError` (a `ValueError`) with one line per problem, naming the file
+and the dotted key (`params.yaml: 'train.lr0' must be > 0, got 0.0`). A typo never silently falls
+back to a value hidden in code.
+
+Types are strict (`"3"` is not an integer, `1` is not `true`); the one conversion is an integer
+where a float is expected (YAML `1` for `1.0`), stored as a float. YAML lists become tuples: the
+records are frozen and hashable. Ranges are field constraints; rules between fields are
+`model_validator`s raising `rule(field, message)`, so their errors name a key too.
+
+The strict-YAML and error-wording helpers here are shared with `pipeline/fleet/inventory.py`
+(one implementation for both hand-edited files): `load_yaml` (a `UniqueKeyLoader`: a key listed
+twice in one mapping is a `DuplicateKeyError`, where PyYAML would silently keep the last one),
+`problems()` (pydantic's `ValidationError` as one `Problem` per mistake, with its dotted key and a
+phrase such as `must be in (0, 1), got 1.5`), `rule()` and `TupleOf`. They live in this module, not
+a module of their own, because every stage's dvc.yaml deps list the config modules it imports.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import types
 import typing
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, TypeVar, Union
+from typing import Annotated, Any, Callable, Iterable, Literal, Self, TypeVar
 
+import annotated_types as at
 import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from pipeline.config.paths import PARAMS_FILE
 
+M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 
-
 # --------------------------------------------------------------------------------------------
-# Sections. One dataclass per params.yaml section (nested dataclasses for nested mappings).
-# Range checks live in __post_init__ so a bad value fails on load, naming the field.
+# Strict YAML and readable validation errors (pipeline/fleet/inventory.py uses them too)
 # --------------------------------------------------------------------------------------------
 
 
-def _check(cond: bool, message: str) -> None:
-    """Raise ValueError(message) when `cond` is false (validation without `assert`)."""
-    if not cond:
-        raise ValueError(message)
+def dotted_key(loc: tuple[Any, ...] | list[Any], prefix: str = "") -> str:
+    """`('quantize', 'candidates', 2, 'name')` -> `quantize.candidates[2].name` (after `prefix`)."""
+    out = prefix
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping lists the same key twice; `key` is the dotted key, `line` / `first_line` 1-based."""
+
+    def __init__(self, key: str, line: int, first_line: int) -> None:
+        self.key, self.line, self.first_line = key, line, first_line
+        super().__init__(f"duplicate key '{key}' (lines {first_line} and {line}); remove one of them")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys, naming the dotted key and both lines."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        """Check the whole node tree for duplicate keys first, so the error can name the full key."""
+        self._check_unique(node, (), set())
+        return super().construct_document(node)
+
+    def _check_unique(self, node: yaml.Node, loc: tuple[Any, ...], seen_nodes: set[int]) -> None:
+        if id(node) in seen_nodes:  # an alias seen before (YAML allows recursive structures)
+            return
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._check_unique(item, (*loc, i), seen_nodes)
+        elif isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    continue  # complex keys never appear in these files; PyYAML refuses unhashable ones itself
+                # The constructed key, not the source text: `1` and `0x1` are the same key.
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in first_line:
+                    raise DuplicateKeyError(dotted_key((*loc, str(key))), line, first_line[key])
+                first_line[key] = line
+                self._check_unique(value_node, (*loc, str(key)), seen_nodes)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse `text` with `UniqueKeyLoader` (safe: plain data only; a repeated key is an error)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+# --------------------------------------------------------------------------------------------
+# Field types and rules
+# --------------------------------------------------------------------------------------------
+
+
+def _list_to_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+# A YAML list stored as a tuple (the records are frozen and hashable). Strict mode accepts only
+# real tuples, so the list from YAML is converted first; items stay strictly checked.
+TupleOf = Annotated[tuple[T, ...], BeforeValidator(_list_to_tuple)]
+
+
+def rule(field: str, message: str) -> PydanticCustomError:
+    """The error a `model_validator` raises for a cross-field rule about `field` of its model.
+
+    `message` is the phrase after the key, e.g. `rule("lr0", "must be below ...")` reads
+    `'train.lr0' must be below ...`.
+    """
+    return PydanticCustomError("rule", "{message}", {"field": field, "message": message})
+
+
+# --------------------------------------------------------------------------------------------
+# ValidationError -> readable problems
+# --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class BaseParams:
+class Problem:
+    """One validation mistake.
+
+    `kind` is `missing` (a required key is absent), `unknown` (a key the schema does not have;
+    `valid` lists the keys that are), or `invalid` (`phrase` says what is wrong, e.g.
+    `must be an integer, got 'ten'`). `key` is dotted, `loc` the raw location.
+    """
+
+    kind: Literal["missing", "unknown", "invalid"]
+    loc: tuple[Any, ...]
+    key: str
+    phrase: str = ""
+    valid: tuple[str, ...] = ()
+
+
+_TYPE_WORDS = {
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+    "float_type": "a number", "float_parsing": "a number",
+    "bool_type": "true or false", "bool_parsing": "true or false",
+    "string_type": "a string",
+    "tuple_type": "a list", "list_type": "a list", "set_type": "a list",
+    "dict_type": "a mapping", "model_type": "a mapping", "model_attributes_type": "a mapping",
+    "dataclass_type": "a mapping",
+}
+_RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
+def problems(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> list[Problem]:
+    """One `Problem` per error of `exc`, raised validating `model`; keys start with `prefix`."""
+    return [_problem(err, model, prefix) for err in exc.errors(include_url=False)]
+
+
+def _problem(err: ErrorDetails, model: type[BaseModel], prefix: str) -> Problem:
+    loc, kind = tuple(err["loc"]), err["type"]
+    ctx = err.get("ctx") or {}
+    if kind == "missing":
+        return Problem("missing", loc, dotted_key(loc, prefix))
+    if kind == "extra_forbidden":
+        parent, _ = _resolve(model, loc[:-1])
+        valid = tuple(parent.model_fields) if _is_model(parent) else ()
+        return Problem("unknown", loc, dotted_key(loc, prefix), valid=valid)
+    if kind == "rule":
+        field = (ctx["field"],) if ctx.get("field") else ()
+        return Problem("invalid", (*loc, *field), dotted_key((*loc, *field), prefix), str(ctx["message"]))
+    return Problem("invalid", loc, dotted_key(loc, prefix), _phrase(err, model))
+
+
+def _phrase(err: ErrorDetails, model: type[BaseModel]) -> str:
+    """What is wrong with the value at `err['loc']`, and what would be accepted."""
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    got = _show(value)
+    if kind in ("value_error", "assertion_error"):
+        return str(ctx.get("error", err["msg"]))  # our own validators' messages, already phrased
+    if kind == "finite_number":
+        return f"must be a finite number, got {got}"
+    if kind in _TYPE_WORDS:
+        if kind in ("model_type", "dict_type", "tuple_type", "list_type"):
+            got = type(value).__name__ if value is not None else "nothing"
+        return f"must be {_TYPE_WORDS[kind]}, got {got}"
+    annotation, metadata = _resolve(model, tuple(err["loc"]))
+    if kind == "literal_error":
+        choices = typing.get_args(annotation) if typing.get_origin(annotation) is Literal else ()
+        expected = ", ".join(map(str, choices)) if choices else str(ctx.get("expected"))
+        return f"is {got}; choose one of {expected}"
+    if kind in _RANGE_ERRORS:
+        return f"must be {_range_text(metadata) or _range_text([_bound(kind, ctx)])}, got {got}"
+    if kind == "multiple_of":
+        return f"must be a multiple of {_num(ctx['multiple_of'])}, got {got}"
+    if kind in ("too_short", "too_long"):
+        low = next((m.min_length for m in metadata if isinstance(m, at.MinLen)), None)
+        high = next((m.max_length for m in metadata if isinstance(m, at.MaxLen)), None)
+        if low is not None and low == high:
+            want = f"exactly {low}"
+        elif kind == "too_short":
+            want = f"at least {ctx.get('min_length', low)}"
+        else:
+            want = f"at most {ctx.get('max_length', high)}"
+        return f"must list {want} item(s), got {ctx.get('actual_length', '?')}"
+    if kind == "string_too_short":
+        return "must not be empty" if ctx.get("min_length") == 1 else f"must be at least {ctx['min_length']} characters"
+    if kind == "string_too_long":
+        return f"must be at most {ctx['max_length']} characters, got {len(value)}"
+    return f"is invalid ({err['msg']}), got {got}"
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _num(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _bound(kind: str, ctx: dict[str, Any]) -> Any:
+    cls = {"greater_than": at.Gt, "greater_than_equal": at.Ge, "less_than": at.Lt, "less_than_equal": at.Le}[kind]
+    return cls(next(iter(ctx.values())))
+
+
+def _range_text(metadata: list[Any]) -> str:
+    """`[Ge(0), Lt(1)]` -> `in [0, 1)`; one bound -> `>= 0`; no bounds -> ``."""
+    low = next((m for m in metadata if isinstance(m, (at.Ge, at.Gt))), None)
+    high = next((m for m in metadata if isinstance(m, (at.Le, at.Lt))), None)
+    if low is not None and high is not None:
+        lo = _num(low.ge if isinstance(low, at.Ge) else low.gt)
+        hi = _num(high.le if isinstance(high, at.Le) else high.lt)
+        return f"in {'[' if isinstance(low, at.Ge) else '('}{lo}, {hi}{']' if isinstance(high, at.Le) else ')'}"
+    if low is not None:
+        return f">= {_num(low.ge)}" if isinstance(low, at.Ge) else f"> {_num(low.gt)}"
+    if high is not None:
+        return f"<= {_num(high.le)}" if isinstance(high, at.Le) else f"< {_num(high.lt)}"
+    return ""
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _unwrap(tp: Any) -> tuple[Any, list[Any]]:
+    """`Annotated[X, Field(ge=1), ...]` -> (X, [Ge(1), ...]); `X | None` -> X."""
+    metadata: list[Any] = []
+    while True:
+        if typing.get_origin(tp) is Annotated:
+            tp, *extra = typing.get_args(tp)
+            for m in extra:
+                metadata.extend(m.metadata if isinstance(m, FieldInfo) else [m])
+            continue
+        args = typing.get_args(tp)
+        if type(None) in args and len(args) == 2:  # Optional: validated as the other member
+            tp = next(a for a in args if a is not type(None))
+            continue
+        return tp, metadata
+
+
+def _resolve(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[Any, list[Any]]:
+    """The annotation and constraint metadata of the value at `loc` inside `model` (or (None, []))."""
+    tp: Any = model
+    metadata: list[Any] = []
+    for part in loc:
+        tp, _ = _unwrap(tp)
+        if isinstance(part, str) and _is_model(tp) and part in tp.model_fields:
+            info = tp.model_fields[part]
+            tp, metadata = info.annotation, list(info.metadata)
+        elif isinstance(part, int) and typing.get_origin(tp) in (tuple, list):
+            args = typing.get_args(tp)
+            tp = args[0] if len(args) == 1 or args[-1] is Ellipsis else args[part]
+            metadata = []
+        elif isinstance(part, str) and typing.get_origin(tp) is dict:
+            tp, metadata = typing.get_args(tp)[1], []
+        else:
+            return None, []
+    tp, extra = _unwrap(tp)
+    return tp, metadata + extra
+
+
+# --------------------------------------------------------------------------------------------
+# The base of every section, and shared field types
+# --------------------------------------------------------------------------------------------
+
+
+class ParamsError(ValueError):
+    """A mistake in the params file: one line per problem, each naming the file and the dotted key."""
+
+
+class ParamsModel(BaseModel):
+    """Base of every section: strict types, no unknown keys, frozen, finite floats.
+
+    Like the dataclasses these models replaced, they can be built positionally in code
+    (`MetricTolerance("*", 0.01, 0.1)`; a bad value there is pydantic's `ValidationError`, also a
+    `ValueError`), and `replace(**changes)` returns a re-validated copy.
+    """
+
+    # defer_build: validators are built on first use, not at import (the fleet CLI imports this
+    # module for its YAML helpers only and never validates a params section).
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False, defer_build=True)
+
+    def __init__(self, *args: Any, **values: Any) -> None:
+        # Only maps positional values to field names. pydantic also calls this __init__ for nested
+        # sections (keywords only), so it must not reword errors: the caller that knows the file does.
+        names = list(type(self).model_fields)
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__} takes {len(names)} fields, got {len(args)} positional values")
+        positional = dict(zip(names, args))
+        twice = sorted(positional.keys() & values.keys())
+        if twice:
+            raise TypeError(f"{type(self).__name__}: {', '.join(twice)} given both by position and by name")
+        super().__init__(**positional, **values)
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with `changes` applied and validated again (unlike `model_copy`, which skips checks)."""
+        try:
+            return type(self).model_validate({**self.__dict__, **changes})
+        except ValidationError as e:  # no file to name: the class stands in for it
+            raise ParamsError(_message(e, type(self), f"{type(self).__name__}.replace()", "")) from None
+
+
+def _distinct(noun: str, key: Callable[[Any], Any] = lambda x: x) -> AfterValidator:
+    """Refuse a list with an item twice (compared by `key`), naming the repeated ones."""
+
+    def check(items: tuple[Any, ...]) -> tuple[Any, ...]:
+        twice = [k for k, n in Counter(key(i) for i in items).items() if n > 1]
+        if twice:
+            raise ValueError(f"lists a {noun} twice ({', '.join(map(str, twice))}); list each once")
+        return items
+
+    return AfterValidator(check)
+
+
+def _names(items: Iterable[Any]) -> str:
+    return ", ".join(map(str, items))
+
+
+# A model input size: Ultralytics and the exported graphs need multiples of the largest stride (32).
+ImageSize = Annotated[int, Field(ge=64, multiple_of=32)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+# --------------------------------------------------------------------------------------------
+# Sections. One model per params.yaml section (nested models for nested mappings).
+# --------------------------------------------------------------------------------------------
+
+
+class BaseParams(ParamsModel):
     """Settings shared by every stage."""
 
-    seed: int
-    threads: int  # torch / ORT intra-op threads; pinned so timings and results are comparable
-
-    def __post_init__(self) -> None:
-        _check(self.seed >= 0, "base.seed must be >= 0")
-        _check(self.threads >= 1, "base.threads must be >= 1")
+    seed: int = Field(ge=0)
+    threads: int = Field(ge=1)  # torch / ORT intra-op threads; pinned so timings and results are comparable
 
 
-@dataclass(frozen=True)
-class SyntheticParams:
+class SyntheticParams(ParamsModel):
     """The procedural steel-surface generator (used when data.source == 'synthetic')."""
 
-    train_images: int
-    val_images: int
-    test_images: int
-    image_size: int
-    max_defects: int
-    empty_fraction: float  # share of images with no defect at all (pure background)
-    small_fraction: float  # share of defects drawn small (10-24 px at 256 px)
-    min_contrast: float  # defect amplitude range, grey levels on a 0-255 scale
-    max_contrast: float
-    clutter: int  # max non-defect distractors per image (stains, specks, streaks)
-    jpeg_quality: int
+    train_images: int = Field(ge=1)
+    val_images: int = Field(ge=1)
+    test_images: int = Field(ge=1)
+    image_size: int = Field(ge=64, le=2048)
+    max_defects: int = Field(ge=0, le=16)
+    empty_fraction: float = Field(ge=0.0, lt=1.0)  # share of images with no defect at all (pure background)
+    small_fraction: Probability  # share of defects drawn small (10-24 px at 256 px)
+    min_contrast: float = Field(gt=0.0, le=255.0)  # defect amplitude range, grey levels on a 0-255 scale
+    max_contrast: float = Field(gt=0.0, le=255.0)
+    clutter: int = Field(ge=0)  # max non-defect distractors per image (stains, specks, streaks)
+    jpeg_quality: int = Field(ge=50, le=100)
 
-    def __post_init__(self) -> None:
-        for name in ("train_images", "val_images", "test_images"):
-            _check(getattr(self, name) >= 1, f"data.synthetic.{name} must be >= 1")
-        _check(64 <= self.image_size <= 2048, "data.synthetic.image_size must be in [64, 2048]")
-        _check(0 <= self.max_defects <= 16, "data.synthetic.max_defects must be in [0, 16]")
-        _check(0.0 <= self.empty_fraction < 1.0, "data.synthetic.empty_fraction must be in [0, 1)")
-        _check(0.0 <= self.small_fraction <= 1.0, "data.synthetic.small_fraction must be in [0, 1]")
-        _check(
-            0 < self.min_contrast <= self.max_contrast <= 255,
-            "data.synthetic needs 0 < min_contrast <= max_contrast <= 255",
-        )
-        _check(self.clutter >= 0, "data.synthetic.clutter must be >= 0")
-        _check(50 <= self.jpeg_quality <= 100, "data.synthetic.jpeg_quality must be in [50, 100]")
+    @model_validator(mode="after")
+    def _contrast_range(self) -> SyntheticParams:
+        if self.min_contrast > self.max_contrast:
+            raise rule("min_contrast", f"({self.min_contrast:g}) must be <= data.synthetic.max_contrast "
+                                       f"({self.max_contrast:g}); swap or fix them")
+        return self
 
 
-@dataclass(frozen=True)
-class DataParams:
+class DataParams(ParamsModel):
     """Stage `data`: where the defect dataset comes from and how imports are split."""
 
     source: Literal["synthetic", "yolo", "voc"]
     import_dir: str  # folder of a real dataset for source yolo/voc; "" for synthetic
-    val_fraction: float  # split of an import that ships without train/val folders
-    test_fraction: float
+    val_fraction: float = Field(gt=0.0, lt=1.0)  # split of an import that ships without train/val folders
+    test_fraction: float = Field(ge=0.0, lt=1.0)
     synthetic: SyntheticParams
 
-    def __post_init__(self) -> None:
-        if self.source != "synthetic":
-            _check(
-                bool(self.import_dir),
-                f"data.import_dir is empty but data.source is '{self.source}': "
-                "set it to the folder of the dataset to import",
-            )
-        _check(0.0 < self.val_fraction < 1.0, "data.val_fraction must be in (0, 1)")
-        _check(0.0 <= self.test_fraction < 1.0, "data.test_fraction must be in [0, 1)")
-        _check(
-            self.val_fraction + self.test_fraction < 1.0,
-            "data.val_fraction + data.test_fraction must leave images for training (< 1)",
-        )
+    @model_validator(mode="after")
+    def _import_rules(self) -> DataParams:
+        if self.source != "synthetic" and not self.import_dir:
+            raise rule("import_dir", f"is empty but data.source is '{self.source}': "
+                                     "set it to the folder of the dataset to import")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise rule("test_fraction", f"+ data.val_fraction = {self.val_fraction + self.test_fraction:g} "
+                                        "leaves no images for training; make the sum < 1")
+        return self
 
 
-@dataclass(frozen=True)
-class TrainParams:
+class TrainParams(ParamsModel):
     """Stage `train`: Ultralytics YOLOv8n hyper-parameters (passed through by name)."""
 
-    model: str  # yolov8n.yaml trains from scratch; yolov8n.pt needs internet for the weights
+    model: str = Field(min_length=1)  # yolov8n.yaml trains from scratch; yolov8n.pt needs internet for the weights
     activation: Literal["SiLU", "ReLU"]  # ReLU: the edge variant whose INT8 form is cheaper (yaml models only)
-    imgsz: int
-    epochs: int
-    batch: int
-    workers: int
+    imgsz: ImageSize
+    epochs: int = Field(ge=1)
+    batch: int = Field(ge=1)
+    workers: int = Field(ge=0)
     optimizer: Literal["SGD", "Adam", "AdamW", "RMSProp"]
-    lr0: float
-    lrf: float
-    momentum: float
-    weight_decay: float
-    warmup_epochs: float
-    warmup_bias_lr: float
+    lr0: float = Field(gt=0.0)
+    lrf: float = Field(gt=0.0, le=1.0)
+    momentum: float = Field(ge=0.0, lt=1.0)
+    weight_decay: float = Field(ge=0.0)
+    warmup_epochs: float = Field(ge=0.0)
+    warmup_bias_lr: float = Field(ge=0.0)
     cos_lr: bool
-    nbs: int
-    box: float
-    cls: float
-    dfl: float
-    mosaic: float
-    close_mosaic: int
-    mixup: float
-    degrees: float
-    translate: float
-    scale: float
-    fliplr: float
-    flipud: float
-    hsv_h: float
-    hsv_s: float
-    hsv_v: float
+    nbs: int = Field(ge=1)
+    box: float = Field(ge=0.0)
+    cls: float = Field(ge=0.0)
+    dfl: float = Field(ge=0.0)
+    mosaic: Probability
+    close_mosaic: int = Field(ge=0)
+    mixup: Probability
+    degrees: float = Field(ge=0.0, le=180.0)
+    translate: Probability
+    scale: Probability  # Ultralytics draws the gain from [1 - scale, 1 + scale]: above 1 it goes negative
+    fliplr: Probability
+    flipud: Probability
+    hsv_h: Probability
+    hsv_s: Probability
+    hsv_v: Probability
 
-    def __post_init__(self) -> None:
-        _check(self.imgsz % 32 == 0 and self.imgsz >= 64, "train.imgsz must be a multiple of 32, >= 64")
-        _check(self.activation == "SiLU" or self.model.endswith(".yaml"),
-               f"train.activation {self.activation} needs a model built from a .yaml (train.model is {self.model}): "
-               "pretrained weights keep the activation they were trained with")
-        _check(self.epochs >= 1, "train.epochs must be >= 1")
-        _check(self.batch >= 1, "train.batch must be >= 1")
-        _check(self.workers >= 0, "train.workers must be >= 0")
-        _check(self.lr0 > 0, "train.lr0 must be > 0")
-        _check(0 < self.lrf <= 1, "train.lrf must be in (0, 1]")
-        _check(self.close_mosaic >= 0, "train.close_mosaic must be >= 0")
-        for name in ("mosaic", "mixup", "fliplr", "flipud"):
-            _check(0.0 <= getattr(self, name) <= 1.0, f"train.{name} is a probability: use [0, 1]")
+    @model_validator(mode="after")
+    def _activation_needs_yaml(self) -> TrainParams:
+        if self.activation != "SiLU" and not self.model.endswith(".yaml"):
+            raise rule("activation", f"is {self.activation}, which needs a model built from a .yaml (train.model is "
+                                     f"{self.model}): pretrained weights keep the activation they were trained with")
+        return self
 
 
-@dataclass(frozen=True)
-class ExportParams:
+class ExportParams(ParamsModel):
     """Stage `export`: ONNX export and the ORT-vs-PyTorch parity gate."""
 
-    opset: int
-    imgsz: int
+    opset: int = Field(ge=11, le=22)
+    imgsz: ImageSize
     simplify: bool
-    parity_images: int  # val images run through both runtimes
-    parity_atol_box: float  # max |ORT - torch| on box coordinates, in input pixels
-    parity_atol_score: float  # max |ORT - torch| on class scores (0-1)
-
-    def __post_init__(self) -> None:
-        _check(11 <= self.opset <= 22, "export.opset must be in [11, 22]")
-        _check(self.imgsz % 32 == 0 and self.imgsz >= 64, "export.imgsz must be a multiple of 32, >= 64")
-        _check(self.parity_images >= 1, "export.parity_images must be >= 1")
-        _check(self.parity_atol_box > 0 and self.parity_atol_score > 0, "export parity tolerances must be > 0")
+    parity_images: int = Field(ge=1)  # val images run through both runtimes
+    parity_atol_box: float = Field(gt=0.0)  # max |ORT - torch| on box coordinates, in input pixels
+    parity_atol_score: float = Field(gt=0.0)  # max |ORT - torch| on class scores (0-1)
 
 
-@dataclass(frozen=True)
-class CameraModelParams:
+def _folder_name(value: str) -> str:
+    if not value or "/" in value or value in (".", ".."):
+        raise ValueError(f"is {value!r}; use a non-empty folder name without '/' (it names a folder under frames/)")
+    return value
+
+
+class CameraModelParams(ParamsModel):
     """One deployment camera's fixed optics/sensor model (what the training images never saw)."""
 
-    id: str  # folder name under frames/ (a fleet host name for ingested frames)
-    width: int  # sensor output size: the square render is resized to width x height
-    height: int
-    exposure: float  # brightness gain on the render (1 = the training set's exposure)
-    wb_gains: tuple[float, ...]  # white-balance cast: per-channel gains in B, G, R order
-    shot_noise: float  # photon noise: sigma = shot_noise * sqrt(grey level)
-    read_noise: float  # sensor read noise sigma, grey levels
+    id: Annotated[str, AfterValidator(_folder_name)]  # folder under frames/ (a fleet host name for ingested frames)
+    width: int = Field(ge=32, le=4096)  # sensor output size: the square render is resized to width x height
+    height: int = Field(ge=32, le=4096)
+    exposure: float = Field(ge=0.05, le=5.0)  # brightness gain on the render (1 = the training set's exposure)
+    # White-balance cast: per-channel gains in B, G, R order.
+    wb_gains: TupleOf[Annotated[float, Field(ge=0.2, le=3.0)]] = Field(min_length=3, max_length=3)
+    shot_noise: float = Field(ge=0.0)  # photon noise: sigma = shot_noise * sqrt(grey level)
+    read_noise: float = Field(ge=0.0)  # sensor read noise sigma, grey levels
     blur: Literal["none", "motion", "defocus"]
-    blur_px: float  # motion: streak length in px along x (the strip moves); defocus: disc radius in px
-    vignetting: float  # brightness lost in the corners (0 = none, 0.4 = corners at 60%)
-    jpeg_quality: int
-
-    def __post_init__(self) -> None:
-        where = f"camera.synthetic.cameras[id={self.id!r}]"
-        _check(bool(self.id) and "/" not in self.id and self.id not in (".", ".."),
-               f"{where}.id must be a non-empty folder name without '/'")
-        _check(32 <= self.width <= 4096 and 32 <= self.height <= 4096, f"{where}: width and height must be in [32, 4096]")
-        _check(0.05 <= self.exposure <= 5.0, f"{where}.exposure must be in [0.05, 5]")
-        _check(len(self.wb_gains) == 3 and all(0.2 <= g <= 3.0 for g in self.wb_gains),
-               f"{where}.wb_gains must be 3 gains (B, G, R), each in [0.2, 3]")
-        _check(self.shot_noise >= 0 and self.read_noise >= 0, f"{where}: shot_noise and read_noise must be >= 0")
-        _check(0.0 <= self.blur_px <= 32.0, f"{where}.blur_px must be in [0, 32]")
-        _check(0.0 <= self.vignetting < 1.0, f"{where}.vignetting must be in [0, 1)")
-        _check(30 <= self.jpeg_quality <= 100, f"{where}.jpeg_quality must be in [30, 100]")
+    blur_px: float = Field(ge=0.0, le=32.0)  # motion: streak length in px along x (the strip moves); defocus: radius
+    vignetting: float = Field(ge=0.0, lt=1.0)  # brightness lost in the corners (0 = none, 0.4 = corners at 60%)
+    jpeg_quality: int = Field(ge=30, le=100)
 
 
-@dataclass(frozen=True)
-class CameraSyntheticParams:
+class CameraSyntheticParams(ParamsModel):
     """Synthetic deployment frames: scenes from the defect generator seen through camera models."""
 
-    scenes_per_camera: int  # distinct scenes per camera (unlabelled frames)
-    burst_length: int  # near-identical consecutive frames per scene, as a streaming camera delivers
-    burst_shift_px: float  # max sub-frame shift between frames of one burst (vibration)
-    exposure_jitter: float  # per-scene relative exposure change (auto-exposure hunting, lamp flicker)
-    wb_jitter: float  # per-scene relative change of each white-balance gain
-    labelled_images: int  # size of the labelled camera-domain val split (cameras round-robin)
-    cameras: tuple[CameraModelParams, ...]
-
-    def __post_init__(self) -> None:
-        _check(self.scenes_per_camera >= 1, "camera.synthetic.scenes_per_camera must be >= 1")
-        _check(self.burst_length >= 1, "camera.synthetic.burst_length must be >= 1")
-        _check(0.0 <= self.burst_shift_px <= 8.0, "camera.synthetic.burst_shift_px must be in [0, 8]")
-        _check(0.0 <= self.exposure_jitter < 0.5, "camera.synthetic.exposure_jitter must be in [0, 0.5)")
-        _check(0.0 <= self.wb_jitter < 0.5, "camera.synthetic.wb_jitter must be in [0, 0.5)")
-        _check(self.labelled_images >= 1, "camera.synthetic.labelled_images must be >= 1")
-        _check(len(self.cameras) >= 1, "camera.synthetic.cameras must list at least one camera")
-        ids = [c.id for c in self.cameras]
-        _check(len(set(ids)) == len(ids), f"camera.synthetic.cameras: duplicate camera id in {ids}; ids must be unique")
+    scenes_per_camera: int = Field(ge=1)  # distinct scenes per camera (unlabelled frames)
+    burst_length: int = Field(ge=1)  # near-identical consecutive frames per scene, as a streaming camera delivers
+    burst_shift_px: float = Field(ge=0.0, le=8.0)  # max sub-frame shift between frames of one burst (vibration)
+    exposure_jitter: float = Field(ge=0.0, lt=0.5)  # per-scene relative exposure change (auto-exposure, flicker)
+    wb_jitter: float = Field(ge=0.0, lt=0.5)  # per-scene relative change of each white-balance gain
+    labelled_images: int = Field(ge=1)  # size of the labelled camera-domain val split (cameras round-robin)
+    # Ids name output folders, so two cameras with one id would overwrite each other's frames.
+    cameras: Annotated[TupleOf[CameraModelParams], _distinct("camera id", lambda c: c.id)] = Field(min_length=1)
 
 
-@dataclass(frozen=True)
-class CameraParams:
+class CameraParams(ParamsModel):
     """Stage `camera`: deployment-camera frames for calibration plus a labelled camera-domain split."""
 
     source: Literal["synthetic", "ingest"]
     ingest_dir: str  # source ingest: one folder per camera (images or one video), e.g. from `fab collect-frames`
     ingest_labelled_dir: str  # source ingest: optional YOLO folder of labelled camera frames; "" = none
-    video_fps: float  # source ingest: frames per second sampled from a video file
+    video_fps: float = Field(gt=0.0, le=120.0)  # source ingest: frames per second sampled from a video file
     synthetic: CameraSyntheticParams
 
-    def __post_init__(self) -> None:
-        if self.source == "ingest":
-            _check(bool(self.ingest_dir), "camera.ingest_dir is empty but camera.source is 'ingest': set it (data/camera)")
-        _check(0.0 < self.video_fps <= 120.0, "camera.video_fps must be in (0, 120]")
+    @model_validator(mode="after")
+    def _ingest_needs_a_folder(self) -> CameraParams:
+        if self.source == "ingest" and not self.ingest_dir:
+            raise rule("ingest_dir", "is empty but camera.source is 'ingest': set it (e.g. data/camera)")
+        return self
 
 
-@dataclass(frozen=True)
-class CalibrateParams:
+class CalibrateParams(ParamsModel):
     """Stage `calibrate`: dedup, diverse selection and preprocessing of the calibration sets."""
 
-    imgsz: int  # model input size; must equal export.imgsz (the tensors feed that model)
-    size: int  # frames per calibration set
-    phash_size: int  # pHash bits = phash_size**2 (DCT low-frequency block)
-    phash_highfreq: int  # the DCT runs on a (phash_size * phash_highfreq)^2 grey thumbnail
-    dedup_hamming: int  # frames whose pHashes differ in <= this many bits are near-duplicates
-    thumb_size: int  # descriptor: thumb_size^2 grey thumbnail ...
-    hist_bins: int  # ... plus a hist_bins-per-channel colour histogram
-    hist_weight: float  # weight of the colour histogram against the thumbnail in the descriptor
+    imgsz: ImageSize  # model input size; must equal export.imgsz (the tensors feed that model)
+    size: int = Field(ge=1)  # frames per calibration set
+    phash_size: int = Field(ge=4, le=16)  # pHash bits = phash_size**2 (DCT low-frequency block)
+    phash_highfreq: int = Field(ge=2, le=8)  # the DCT runs on a (phash_size * phash_highfreq)^2 grey thumbnail
+    dedup_hamming: int = Field(ge=0)  # frames whose pHashes differ in <= this many bits are near-duplicates
+    thumb_size: int = Field(ge=4, le=64)  # descriptor: thumb_size^2 grey thumbnail ...
+    hist_bins: int = Field(ge=2, le=64)  # ... plus a hist_bins-per-channel colour histogram
+    hist_weight: float = Field(ge=0.0)  # weight of the colour histogram against the thumbnail in the descriptor
 
-    def __post_init__(self) -> None:
-        _check(self.imgsz % 32 == 0 and self.imgsz >= 64, "calibrate.imgsz must be a multiple of 32, >= 64")
-        _check(self.size >= 1, "calibrate.size must be >= 1")
-        _check(4 <= self.phash_size <= 16, "calibrate.phash_size must be in [4, 16]")
-        _check(2 <= self.phash_highfreq <= 8, "calibrate.phash_highfreq must be in [2, 8]")
-        _check(0 <= self.dedup_hamming < self.phash_size**2 // 2,
-               "calibrate.dedup_hamming must be in [0, phash_size^2 / 2)")
-        _check(4 <= self.thumb_size <= 64, "calibrate.thumb_size must be in [4, 64]")
-        _check(2 <= self.hist_bins <= 64, "calibrate.hist_bins must be in [2, 64]")
-        _check(self.hist_weight >= 0, "calibrate.hist_weight must be >= 0")
+    @model_validator(mode="after")
+    def _dedup_below_half_the_bits(self) -> CalibrateParams:
+        # At half the bits or more, unrelated frames count as duplicates: the set would collapse.
+        if self.dedup_hamming >= self.phash_size**2 // 2:
+            raise rule("dedup_hamming", f"must be < calibrate.phash_size^2 / 2 = {self.phash_size**2 // 2}, "
+                                        f"got {self.dedup_hamming}")
+        return self
+
+
+def _candidate_name(value: str) -> str:
+    # The name becomes part of file names and MLflow keys.
+    if not value or not value.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"is {value!r}; use letters, digits, - or _")
+    return value
+
+
+class QuantizeCandidate(ParamsModel):
+    """One INT8 configuration the quantize stage builds, measures and gates."""
+
+    name: Annotated[str, AfterValidator(_candidate_name)]
+    format: Literal["QDQ", "QOperator"]
+    activation: Literal["U8", "S8"]
+    weight: Literal["U8", "S8"]
+    symmetric: bool  # symmetric activation ranges: S8 zero point 0 (TensorRT needs it), U8 zero point 128
+    op_types: TupleOf[str]  # op types to quantize; [] = every type ORT can quantize
+    calibration: Literal["MinMax", "Percentile", "Entropy"]
+    percentile: float = Field(ge=90.0, le=100.0)  # used by Percentile calibration
+    reduce_range: bool  # 7-bit weights: avoids U8S8 int16 saturation on CPUs without VNNI (AVX2)
+    # Extra layers kept in float: head_convs (last convs of the head), stem.
+    float_layers: TupleOf[Literal["head_convs", "stem"]]
+    head: Literal["float", "cut"]  # decode kept in float in the graph, or cut out to postprocess
+
+
+def _bootstrap_resamples(value: int) -> int:
+    # Fewer than 20 resamples cannot give a 95% interval (its 2.5% tails would be empty).
+    if 0 < value < 20:
+        raise ValueError(f"must be 0 (no intervals) or >= 20 (200 is the default), got {value}")
+    return value
+
+
+class QuantizeParams(ParamsModel):
+    """Stage `quantize`: candidates, the accuracy gate and how latency is measured."""
+
+    calibration_set: str = Field(min_length=1)  # folder under calibration/ (camera = deployment frames, train = ...)
+    max_map_drop: float = Field(ge=0.0, lt=1.0)  # accuracy gate: max mAP50-95 drop vs FP32 (0.005 = half a point)
+    eval_split: Literal["val", "test"]
+    eval_images: int = Field(ge=0)  # 0 = the whole split
+    camera_gate: bool  # also gate on the labelled camera split (data/camera_frames/labelled) when it exists
+    latency_warmup: int = Field(ge=0)
+    latency_runs: int = Field(ge=1)  # timed runs per model per round
+    latency_rounds: int = Field(ge=1)  # rounds; models take turns inside each round
+    latency_conf: float = Field(gt=0.0, lt=1.0)  # the timed decode uses the device's thresholds: confidence,
+    latency_iou: float = Field(gt=0.0, le=1.0)  # NMS IoU
+    latency_max_det: int = Field(ge=1)  # and detections kept
+    latency_tie: float = Field(ge=0.0, lt=1.0)  # within this fraction of the fastest = a tie; the most accurate wins
+    # Paired-bootstrap resamples for each drop's 95% interval (0 = no intervals).
+    bootstrap_resamples: Annotated[int, Field(ge=0), AfterValidator(_bootstrap_resamples)]
+    # Names pick the chosen model in later stages (QuantizeParams.candidate), so they must be unique.
+    candidates: Annotated[TupleOf[QuantizeCandidate], _distinct("candidate name", lambda c: c.name)] = Field(
+        min_length=1)
+    trt: QuantizeCandidate  # the symmetric QDQ model for TensorRT explicit quantization
+
+    @model_validator(mode="after")
+    def _trt_is_explicit_quantization(self) -> QuantizeParams:
+        t = self.trt
+        if not (t.format == "QDQ" and t.activation == "S8" and t.weight == "S8" and t.symmetric and t.head == "float"):
+            raise rule("trt", "must be symmetric S8S8 QDQ with the head in float (TensorRT explicit quantization): "
+                              "set format: QDQ, activation: S8, weight: S8, symmetric: true, head: float")
+        return self
+
+    def candidate(self, name: str) -> QuantizeCandidate:
+        """The candidate called `name` (e.g. the quantize metrics' `chosen`), or a ValueError naming the fix."""
+        for c in self.candidates:
+            if c.name == name:
+                return c
+        raise ValueError(f"quantize candidate '{name}' is not in quantize.candidates "
+                         f"({_names(c.name for c in self.candidates)}); the quantize outputs are stale: "
+                         "re-run the quantize stage (dvc repro quantize)")
+
+
+_CALIBRATION_SETS = ("camera", "train")  # the sets stage `calibrate` builds
+_BENCH_VARIANTS = ("fp32", "int8", "dynamic")
+
+
+def _calibration_sets(sets: tuple[str, ...]) -> tuple[str, ...]:
+    unknown = sorted(set(sets) - set(_CALIBRATION_SETS))
+    if unknown:
+        raise ValueError(f"lists unknown set(s) {_names(unknown)}; "
+                         f"the calibrate stage builds {_names(_CALIBRATION_SETS)}")
+    return sets
+
+
+class EvaluateParams(ParamsModel):
+    """Stage `evaluate`: which images, and which calibration sets the INT8 comparison is built from."""
+
+    split: Literal["val", "test"]  # split of the defect dataset (the labelled camera split is always its `val`)
+    images: int = Field(ge=0)  # per split, the first N in sorted order; 0 = the whole split
+    # INT8 with quantize's chosen config rebuilt from each set, side by side.
+    calibration_sets: Annotated[TupleOf[str], AfterValidator(_calibration_sets), _distinct("set")]
+    pytorch_batch: int = Field(ge=1)  # batch of Ultralytics' val for the PyTorch reference (rect off: no effect)
+
+
+def _bench_sizes(sizes: tuple[int, ...]) -> tuple[int, ...]:
+    if not sizes or not all(s % 32 == 0 and 64 <= s <= 1280 for s in sizes):
+        raise ValueError(f"must list sizes that are multiples of 32 in [64, 1280], got {list(sizes)}")
+    return sizes
+
+
+def _bench_variants(variants: tuple[str, ...]) -> tuple[str, ...]:
+    twice = sorted({v for v in variants if variants.count(v) > 1})
+    if not variants or twice:
+        listed = f"; {_names(twice)} listed twice" if twice else ""
+        raise ValueError(f"must list distinct variants out of {_names(_BENCH_VARIANTS)}{listed}")
+    return variants
+
+
+class BenchmarkParams(ParamsModel):
+    """Stage `benchmark` (host): sizes, variants and the timing window (interleaved rounds)."""
+
+    # Input sizes; a size other than export.imgsz is exported + quantized for the run.
+    imgsz: Annotated[TupleOf[int], AfterValidator(_bench_sizes), _distinct("size")]
+    variants: Annotated[TupleOf[Literal["fp32", "int8", "dynamic"]], AfterValidator(_bench_variants)]
+    warmup: int = Field(ge=0)  # untimed detections per variant before the first round
+    runs: int = Field(ge=1)  # timed detections per variant per round
+    rounds: int = Field(ge=1)  # variants take turns inside every round (a noisy neighbour hits all alike)
+    frames: int = Field(ge=1)  # distinct camera frames (from the calibration manifest) cycled through
+    conf: float = Field(gt=0.0, lt=1.0)  # postprocessing thresholds, as a release ships them (inventory.yaml)
+    iou: float = Field(gt=0.0, lt=1.0)
+    max_det: int = Field(ge=1)
+
+
+class ReportParams(ParamsModel):
+    """Stage `report`: what the headline compares and how the plots are drawn."""
+
+    split: Literal["val", "camera"]  # evaluate split of the headline accuracy (both are in the tables)
+    cdf_points: int = Field(ge=11, le=1001)  # quantiles drawn per latency distribution (latency_quantiles.csv)
+    fleet: bool  # fold the latest on-device benchmark of each host in reports/fleet/ into the report
+
+
+class MetricTolerance(ParamsModel):
+    """How far a metric may move between two runs: |a - b| <= max(abs_tol, rel_tol * max(|a|, |b|))."""
+
+    metrics: str = Field(min_length=1)  # glob over dotted metric keys (`*mAP50-95`, `results.*.size_bytes`)
+    abs_tol: float
+    rel_tol: float
+
+    @model_validator(mode="after")
+    def _tolerances_not_negative(self) -> MetricTolerance:
+        # One rule for both: a negative tolerance of either kind would make every comparison fail.
+        for name in ("abs_tol", "rel_tol"):
+            value = getattr(self, name)
+            if value < 0:
+                raise rule(name, f"is {value:g}: abs_tol and rel_tol must be >= 0")
+        return self
+
+
+class ReproChoiceParams(ParamsModel):
+    """A stage that picks by a measurement (quantize: the fastest candidate) and where its pick is written."""
+
+    stage: str  # "" = no stage picks by measurement
+    metrics: str  # that stage's metrics file
+    key: str  # dotted key of the pick in it
+
+    @model_validator(mode="after")
+    def _stage_needs_where(self) -> ReproChoiceParams:
+        if self.stage and not (self.metrics and self.key):
+            raise rule("metrics" if not self.metrics else "key",
+                       f"is empty but stage is '{self.stage}': metrics and key are required when stage is set")
+        return self
+
+
+class ReproCheckParams(ParamsModel):
+    """`python -m pipeline.tools.repro_check`: which stages must reproduce bit for bit and what may move."""
+
+    # Outputs are measurements: metrics compared within tolerances.
+    tolerant_stages: Annotated[TupleOf[str], _distinct("stage")]
+    tolerant_outputs: TupleOf[str]  # measurement files inside otherwise bit-exact stages
+    choice: ReproChoiceParams
+    ignore_metrics: TupleOf[str]  # globs over metric keys never compared (latencies)
+    tolerances: TupleOf[MetricTolerance]  # first match wins; a number matching none must be equal
+
+
+class ParamsFile(ParamsModel):
+    """The whole params file: every section, and nothing else (a misspelt section is an error)."""
+
+    base: BaseParams
+    data: DataParams
+    train: TrainParams
+    export: ExportParams
+    camera: CameraParams
+    calibrate: CalibrateParams
+    quantize: QuantizeParams
+    evaluate: EvaluateParams
+    benchmark: BenchmarkParams
+    report: ReportParams
+    repro_check: ReproCheckParams
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,286 +720,66 @@ class CalibrateParams:
 
 
 def read_params_file(path: Path = PARAMS_FILE) -> dict[str, Any]:
-    """Read `path` as a YAML mapping; a missing or malformed file is a clear ValueError."""
+    """Read `path` as a YAML mapping; a missing or malformed file or a repeated key is a ParamsError."""
     if not path.is_file():
-        raise ValueError(f"{path}: params file not found; run from the repository root or create it")
+        raise ParamsError(f"{path}: params file not found; run from the repository root or create it")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({e}); fix the syntax") from e
+        raw = load_yaml(path.read_text())
+    except DuplicateKeyError as e:
+        raise ParamsError(f"{path}: {e}") from None
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: a value PyYAML cannot build (a bad date)
+        raise ParamsError(f"{path}: not valid YAML ({e}); fix the syntax") from e
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: top level must be a mapping of sections (base:, data:, ...)")
+        raise ParamsError(f"{path}: top level must be a mapping of sections (base:, data:, ...)")
     return raw
 
 
-def load_params(section: str, cls: type[T], path: Path = PARAMS_FILE) -> T:
-    """Return section `section` of the params file at `path` as a validated `cls` instance."""
-    raw = read_params_file(path)
-    if section not in raw:
-        raise ValueError(f"{path}: missing section '{section}'; add it (see the README for its keys)")
-    return build(cls, raw[section], section, path)
+def load_all(path: Path = PARAMS_FILE) -> ParamsFile:
+    """Every section of the params file at `path`, validated together."""
+    return build(ParamsFile, read_params_file(path), "", path)
 
 
-def build(cls: type[T], value: Any, where: str, path: Path) -> T:
-    """Build dataclass `cls` from mapping `value`; `where` is the dotted key used in errors."""
-    if not isinstance(value, Mapping):
-        raise ValueError(f"{path}: '{where}' must be a mapping, got {type(value).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    unknown = sorted(set(value) - set(names))
-    if unknown:
-        raise ValueError(
-            f"{path}: unknown key '{where}.{unknown[0]}'; valid keys are {', '.join(names)}"
-        )
-    missing = [n for n in names if n not in value]
-    if missing:
-        raise ValueError(f"{path}: missing key '{where}.{missing[0]}'; add it to the file")
-    kwargs = {n: _coerce(hints[n], value[n], f"{where}.{n}", path) for n in names}
+def load_params(section: str, cls: type[M], path: Path = PARAMS_FILE) -> M:
+    """Return section `section` of the params file at `path` as a validated `cls` instance.
+
+    The whole file is validated, not only `section`: the file is one source, and a mistake in
+    another section (or a misspelt section) should stop the run now, not at a later stage.
+    """
+    field = ParamsFile.model_fields.get(section)
+    if field is None or field.annotation is not cls:
+        known = _names(f"{k} ({v.annotation.__name__})" for k, v in ParamsFile.model_fields.items())
+        raise TypeError(f"params section '{section}' is not validated as {cls.__name__}; sections: {known}")
+    return getattr(load_all(path), section)
+
+
+def build(cls: type[M], value: Any, where: str, path: Path) -> M:
+    """Validate mapping `value` as `cls`; `where` (e.g. `quantize`) prefixes the dotted keys in errors."""
     try:
-        return cls(**kwargs)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
+        return cls.model_validate(value)
+    except ValidationError as e:
+        raise ParamsError(_message(e, cls, str(path), where)) from None
 
 
-def _coerce(tp: Any, value: Any, where: str, path: Path) -> Any:
-    """Check `value` against annotation `tp` (and build nested dataclasses)."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value, where, path)  # type: ignore[arg-type]
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ValueError(f"{path}: '{where}' is {value!r}; choose one of {', '.join(map(str, choices))}")
-        return value
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(arg, value, where, path)
-            except ValueError as e:
-                errors.append(str(e))
-        raise ValueError(errors[0])
-    if origin in (tuple, list):
-        if not isinstance(value, list):
-            raise ValueError(f"{path}: '{where}' must be a list, got {value!r}")
-        (item,) = typing.get_args(tp)[:1]
-        items = [_coerce(item, v, f"{where}[{i}]", path) for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{path}: '{where}' must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{path}: '{where}' must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{path}: '{where}' must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{path}: '{where}' must be a string, got {value!r}")
-        return value
-    raise TypeError(f"params.py cannot check annotation {tp!r} of '{where}'")  # a bug in this file
-
-
-def params_hash(*sections: Any) -> str:
-    """Stable sha256 (first 16 hex) of one or more params dataclasses, for MLflow tags."""
-    blob = json.dumps([dataclasses.asdict(s) for s in sections], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def flatten(p: Any, prefix: str = "") -> dict[str, Any]:
-    """Flatten a params dataclass into dotted keys (`synthetic.image_size`) for MLflow params."""
-    return _flatten_dict(dataclasses.asdict(p), prefix)
-
-
-def _flatten_dict(d: dict[str, Any], prefix: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten_dict(v, f"{prefix}{k}."))
+def _message(exc: ValidationError, model: type[BaseModel], source: str, prefix: str) -> str:
+    """One line per problem: `<file>: <what is wrong with which key, and the fix>`."""
+    lines = []
+    for p in problems(exc, model, prefix):
+        section = model is ParamsFile and len(p.loc) == 1
+        if p.kind == "missing":
+            text = (f"missing section '{p.key}'; add it (see the README for its keys)" if section
+                    else f"missing key '{p.key}'; add it to the file")
+        elif p.kind == "unknown":
+            text = (f"unknown section '{p.key}'; valid sections are {_names(p.valid)}" if section
+                    else f"unknown key '{p.key}'; valid keys are {_names(p.valid)}")
+        elif not p.key:
+            text = p.phrase
         else:
-            out[f"{prefix}{k}"] = v
-    return out
+            text = f"'{p.key}' {p.phrase}"
+        lines.append(f"{source}: {text}")
+    return "\n".join(lines)
 
 
-@dataclass(frozen=True)
-class QuantizeCandidate:
-    """One INT8 configuration the quantize stage builds, measures and gates."""
-
-    name: str
-    format: Literal["QDQ", "QOperator"]
-    activation: Literal["U8", "S8"]
-    weight: Literal["U8", "S8"]
-    symmetric: bool  # symmetric activation ranges: S8 zero point 0 (TensorRT needs it), U8 zero point 128
-    op_types: tuple[str, ...]  # op types to quantize; [] = every type ORT can quantize
-    calibration: Literal["MinMax", "Percentile", "Entropy"]
-    percentile: float  # used by Percentile calibration
-    reduce_range: bool  # 7-bit weights: avoids U8S8 int16 saturation on CPUs without VNNI (AVX2)
-    float_layers: tuple[str, ...]  # extra layers kept in float: head_convs (last convs of the head), stem
-    head: Literal["float", "cut"]  # decode kept in float in the graph, or cut out to postprocess
-
-    def __post_init__(self) -> None:
-        unknown = sorted(set(self.float_layers) - {"head_convs", "stem"})
-        _check(not unknown, f"quantize candidate {self.name}: unknown float_layers {unknown}; use head_convs, stem")
-        _check(bool(self.name) and self.name.replace("_", "").replace("-", "").isalnum(),
-               f"quantize candidate name '{self.name}' must be letters, digits, - or _")
-        _check(90.0 <= self.percentile <= 100.0, f"quantize candidate {self.name}: percentile must be in [90, 100]")
-
-
-@dataclass(frozen=True)
-class QuantizeParams:
-    """Stage `quantize`: candidates, the accuracy gate and how latency is measured."""
-
-    calibration_set: str  # folder under calibration/ (camera = deployment frames, train = training images)
-    max_map_drop: float  # accuracy gate: max mAP50-95 drop vs FP32, absolute (0.005 = half a point)
-    eval_split: Literal["val", "test"]
-    eval_images: int  # 0 = the whole split
-    camera_gate: bool  # also gate on the labelled camera split (data/camera_frames/labelled) when it exists
-    latency_warmup: int
-    latency_runs: int  # timed runs per model per round
-    latency_rounds: int  # rounds; models take turns inside each round
-    latency_conf: float  # the timed decode (postprocess) uses the device's thresholds: confidence,
-    latency_iou: float  # NMS IoU
-    latency_max_det: int  # and detections kept
-    latency_tie: float  # candidates within this fraction of the fastest's latency tie; the most accurate wins
-    bootstrap_resamples: int  # paired-bootstrap resamples for each drop's 95% interval (0 = no intervals)
-    candidates: tuple[QuantizeCandidate, ...]
-    trt: QuantizeCandidate  # the symmetric QDQ model for TensorRT explicit quantization
-
-    def __post_init__(self) -> None:
-        _check(bool(self.calibration_set), "quantize.calibration_set must name a calibration set")
-        _check(0.0 <= self.max_map_drop < 1.0, "quantize.max_map_drop must be in [0, 1)")
-        _check(self.eval_images >= 0, "quantize.eval_images must be >= 0 (0 = all)")
-        _check(self.latency_runs >= 1 and self.latency_rounds >= 1 and self.latency_warmup >= 0,
-               "quantize latency_runs/latency_rounds must be >= 1 and latency_warmup >= 0")
-        _check(0.0 < self.latency_conf < 1.0 and 0.0 < self.latency_iou <= 1.0 and self.latency_max_det >= 1,
-               "quantize latency_conf must be in (0, 1), latency_iou in (0, 1], latency_max_det >= 1")
-        _check(len(self.candidates) >= 1, "quantize.candidates must list at least one configuration")
-        _check(0.0 <= self.latency_tie < 1.0, "quantize.latency_tie must be in [0, 1) (0.05 = within 5% of the fastest)")
-        _check(self.bootstrap_resamples == 0 or self.bootstrap_resamples >= 20,
-               "quantize.bootstrap_resamples must be 0 (no intervals) or >= 20 (200 is the default)")
-        names = [c.name for c in self.candidates]
-        _check(len(set(names)) == len(names), "quantize.candidates names must be unique")
-        _check(self.trt.format == "QDQ" and self.trt.activation == "S8" and self.trt.weight == "S8"
-               and self.trt.symmetric and self.trt.head == "float",
-               "quantize.trt must be symmetric S8S8 QDQ with the head in float (TensorRT explicit quantization)")
-
-    def candidate(self, name: str) -> QuantizeCandidate:
-        """The candidate called `name` (e.g. the quantize metrics' `chosen`), or a ValueError naming the fix."""
-        for c in self.candidates:
-            if c.name == name:
-                return c
-        raise ValueError(f"quantize candidate '{name}' is not in quantize.candidates "
-                         f"({', '.join(c.name for c in self.candidates)}); the quantize outputs are stale: "
-                         "re-run the quantize stage (dvc repro quantize)")
-
-
-_CALIBRATION_SETS = ("camera", "train")  # the sets stage `calibrate` builds
-_BENCH_VARIANTS = ("fp32", "int8", "dynamic")
-
-
-@dataclass(frozen=True)
-class EvaluateParams:
-    """Stage `evaluate`: which images, and which calibration sets the INT8 comparison is built from."""
-
-    split: Literal["val", "test"]  # split of the defect dataset (the labelled camera split is always its `val`)
-    images: int  # per split, the first N in sorted order; 0 = the whole split
-    calibration_sets: tuple[str, ...]  # INT8 with quantize's chosen config rebuilt from each set, side by side
-    pytorch_batch: int  # batch of Ultralytics' val for the PyTorch reference (rect off: results do not depend on it)
-
-    def __post_init__(self) -> None:
-        _check(self.images >= 0, "evaluate.images must be >= 0 (0 = the whole split)")
-        unknown = sorted(set(self.calibration_sets) - set(_CALIBRATION_SETS))
-        _check(not unknown, f"evaluate.calibration_sets: unknown set {unknown}; the calibrate stage builds "
-                            f"{', '.join(_CALIBRATION_SETS)}")
-        _check(len(set(self.calibration_sets)) == len(self.calibration_sets),
-               "evaluate.calibration_sets lists a set twice; list each once")
-        _check(self.pytorch_batch >= 1, "evaluate.pytorch_batch must be >= 1")
-
-
-@dataclass(frozen=True)
-class BenchmarkParams:
-    """Stage `benchmark` (host): sizes, variants and the timing window (interleaved rounds)."""
-
-    imgsz: tuple[int, ...]  # input sizes; a size other than export.imgsz is exported + quantized for the run
-    variants: tuple[Literal["fp32", "int8", "dynamic"], ...]
-    warmup: int  # untimed detections per variant before the first round
-    runs: int  # timed detections per variant per round
-    rounds: int  # variants take turns inside every round (a noisy neighbour hits all alike)
-    frames: int  # distinct camera frames (from the calibration manifest) cycled through
-    conf: float  # postprocessing thresholds, as a release ships them (inventory.yaml conf/iou/max_det)
-    iou: float
-    max_det: int
-
-    def __post_init__(self) -> None:
-        _check(len(self.imgsz) >= 1 and all(s % 32 == 0 and 64 <= s <= 1280 for s in self.imgsz),
-               "benchmark.imgsz must list sizes that are multiples of 32 in [64, 1280]")
-        _check(len(set(self.imgsz)) == len(self.imgsz), "benchmark.imgsz lists a size twice; list each once")
-        _check(len(self.variants) >= 1 and len(set(self.variants)) == len(self.variants),
-               f"benchmark.variants must list distinct variants out of {', '.join(_BENCH_VARIANTS)}")
-        _check(self.warmup >= 0, "benchmark.warmup must be >= 0")
-        _check(self.runs >= 1 and self.rounds >= 1, "benchmark.runs and benchmark.rounds must be >= 1")
-        _check(self.frames >= 1, "benchmark.frames must be >= 1")
-        _check(0.0 < self.conf < 1.0 and 0.0 < self.iou < 1.0, "benchmark.conf and benchmark.iou must be in (0, 1)")
-        _check(self.max_det >= 1, "benchmark.max_det must be >= 1")
-
-
-@dataclass(frozen=True)
-class ReportParams:
-    """Stage `report`: what the headline compares and how the plots are drawn."""
-
-    split: Literal["val", "camera"]  # evaluate split of the headline accuracy (both are in the tables)
-    cdf_points: int  # quantiles drawn per latency distribution (reports/report/latency_quantiles.csv)
-    fleet: bool  # fold the latest on-device benchmark of each host in reports/fleet/ into the report
-
-    def __post_init__(self) -> None:
-        _check(self.split in ("val", "camera"), "report.split must be val or camera")
-        _check(11 <= self.cdf_points <= 1001, "report.cdf_points must be in [11, 1001]")
-
-
-@dataclass(frozen=True)
-class MetricTolerance:
-    """How far a metric may move between two runs: |a - b| <= max(abs_tol, rel_tol * max(|a|, |b|))."""
-
-    metrics: str  # glob over dotted metric keys (`*mAP50-95`, `results.*.size_bytes`)
-    abs_tol: float
-    rel_tol: float
-
-    def __post_init__(self) -> None:
-        _check(bool(self.metrics), "repro_check.tolerances: every entry needs a metrics pattern")
-        _check(self.abs_tol >= 0 and self.rel_tol >= 0,
-               f"repro_check.tolerances '{self.metrics}': abs_tol and rel_tol must be >= 0")
-
-
-@dataclass(frozen=True)
-class ReproChoiceParams:
-    """A stage that picks by a measurement (quantize: the fastest candidate) and where its pick is written."""
-
-    stage: str  # "" = no stage picks by measurement
-    metrics: str  # that stage's metrics file
-    key: str  # dotted key of the pick in it
-
-    def __post_init__(self) -> None:
-        _check(not self.stage or (bool(self.metrics) and bool(self.key)),
-               "repro_check.choice: metrics and key are required when stage is set")
-
-
-@dataclass(frozen=True)
-class ReproCheckParams:
-    """`python -m pipeline.tools.repro_check`: which stages must reproduce bit for bit and what may move."""
-
-    tolerant_stages: tuple[str, ...]  # outputs are measurements: metrics compared within tolerances
-    tolerant_outputs: tuple[str, ...]  # measurement files inside otherwise bit-exact stages
-    choice: ReproChoiceParams
-    ignore_metrics: tuple[str, ...]  # globs over metric keys never compared (latencies)
-    tolerances: tuple[MetricTolerance, ...]  # first match wins; a number matching none must be equal
-
-    def __post_init__(self) -> None:
-        _check(len(set(self.tolerant_stages)) == len(self.tolerant_stages),
-               "repro_check.tolerant_stages lists a stage twice; list each once")
+def params_hash(*sections: BaseModel) -> str:
+    """Stable sha256 (first 16 hex) of one or more params sections, for MLflow tags."""
+    blob = json.dumps([s.model_dump() for s in sections], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,34 +1,59 @@
 """Load and validate `inventory.yaml`: groups of hosts, group defaults, per-host overrides.
 
+A host's fields are the top-level `defaults:`, then its group's `defaults:`, then its own values
+(later wins; `null` unsets). The merged fields are validated by a strict pydantic model
+(`_HostFields`: exact types, no unknown or missing field, ranges for what reaches the device) and
+become a frozen `Host` record. Every problem is one `InventoryError` line naming the file, the
+host and its group, and the field, and saying how to fix it.
+
 Every value that ends up in a remote command (addresses, users, paths, the remote python) must
 match a conservative allow-list of characters, so a hostile or mistyped inventory cannot inject
-shell syntax even before quoting (every remote command is also `shlex.quote`d; this is the
-second fence). Errors name the host and the field and say how to fix them.
+shell syntax (or a newline) even before quoting (every remote command is also `shlex.quote`d;
+this is the second fence). `deploy_dir` may not be `/`, a system folder or climb out with `..`:
+the deploy creates, re-links and deletes files under it. Two names for one device (same address,
+port and deploy folder) are refused too: their deploys would overwrite each other.
 """
 
 from __future__ import annotations
 
+import posixpath
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Annotated, Any, Literal, Mapping, get_args
 
 import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-KINDS = ("pi", "jetson", "local")
-RUNTIMES = ("onnxruntime", "tensorrt")
+from pipeline.config.params import DuplicateKeyError, Problem, load_yaml, problems, rule
+
+Kind = Literal["pi", "jetson", "local"]
+Runtime = Literal["onnxruntime", "tensorrt"]
+Precision = Literal["int8", "fp16", "fp32"]
+KINDS: tuple[str, ...] = get_args(Kind)
+RUNTIMES: tuple[str, ...] = get_args(Runtime)
 # ONNX Runtime on a CPU has no fp16 path worth shipping; TensorRT builds all three.
 PRECISIONS_BY_RUNTIME = {"onnxruntime": ("int8", "fp32"), "tensorrt": ("fp16", "int8", "fp32")}
 # Letters, digits and the punctuation paths, hostnames and IPv6 need; nothing a shell acts on.
-SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:/@%+=-]+$")
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-# Fields that are paths on THIS machine (never sent to a shell): `~/` is expanded here.
-LOCAL_PATH_FIELDS = ("key",)
+# \A...\Z, not ^...$: `$` also matches before a trailing newline, which would let "x\n" through.
+SAFE_VALUE = re.compile(r"\A[A-Za-z0-9_.,:/@%+=-]+\Z")
+SAFE_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 TOP_LEVEL_KEYS = ("settings", "defaults", "groups")
+# deploy_dir may not be one of these folders (the deploy writes and deletes files in it) ...
+SYSTEM_FOLDERS = frozenset({
+    "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32", "/media", "/mnt",
+    "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/usr/bin", "/usr/lib",
+    "/usr/local", "/usr/sbin", "/usr/share", "/var", "/var/lib", "/var/log", "/var/tmp",
+})
+# ... nor anything inside these (kernel filesystems and the OS itself: never an application's).
+SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/sbin", "/sys",
+                "/usr/bin", "/usr/lib", "/usr/sbin")
+_SAFE_HELP = ("use only letters, digits and _ . , : / @ % + = - (device paths: absolute, or relative to the "
+              "login's home; '~' is not expanded in quoted commands)")
 
 
 class InventoryError(ValueError):
-    """The inventory is malformed: the message names the host (or group) and the field."""
+    """The inventory is malformed: one line per problem, naming the file, the host (or group) and the field."""
 
 
 @dataclass(frozen=True)
@@ -80,15 +105,6 @@ class Host:
                 "runtime": self.runtime, "precision": self.precision}
 
 
-REQUIRED = tuple(f.name for f in fields(Host) if f.name not in ("name", "group", "trt_workspace_mb", "key",
-                                                                  "frames_dir", "address"))
-OPTIONAL_DEFAULTS: dict[str, Any] = {"trt_workspace_mb": None, "key": None, "frames_dir": "",
-                                     "address": ""}
-INT_FIELDS = ("port", "ort_threads", "trt_workspace_mb", "bench_warmup", "bench_iterations", "max_det")
-FLOAT_FIELDS = ("thermal_throttle_c", "thermal_resume_c", "conf", "iou")
-BOOL_FIELDS = ("agent", "accept_new_host_key")
-
-
 @dataclass(frozen=True)
 class Inventory:
     """All groups and hosts of one inventory file."""
@@ -121,139 +137,229 @@ class Inventory:
         return chosen
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys (PyYAML silently keeps the last one)."""
+# --------------------------------------------------------------------------------------------
+# Field checks
+# --------------------------------------------------------------------------------------------
 
 
-def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise InventoryError(f"line {key_node.start_mark.line + 1}: duplicate key '{key}' "
-                                 "(a host or field listed twice); remove one of them")
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
+def _refuse_unsafe(value: str, checked: str) -> None:
+    """Refuse `value` unless `checked` (the part of it that matters) is only allow-listed characters."""
+    if not SAFE_VALUE.fullmatch(checked):
+        bad = sorted({c for c in checked if not SAFE_VALUE.fullmatch(c)})
+        raise ValueError(f"value {value!r} contains shell metacharacter(s), whitespace or control characters "
+                         f"{' '.join(repr(c) for c in bad)}; {_SAFE_HELP}")
 
 
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
-
-
-def _check_value(where: str, field: str, value: Any) -> None:
-    """Reject values that could carry shell syntax into a remote command."""
-    if not isinstance(value, str) or (value == "" and OPTIONAL_DEFAULTS.get(field) == ""):
-        return
-    text = value[2:] if field in LOCAL_PATH_FIELDS and value.startswith("~/") else value
-    if not text or not SAFE_VALUE.match(text):
-        bad = sorted({c for c in text if not SAFE_VALUE.match(c)}) or ["(empty)"]
-        raise InventoryError(
-            f"{where}: field '{field}' value {value!r} contains shell metacharacter(s) or whitespace "
-            f"{' '.join(repr(c) for c in bad)}; use only letters, digits and _ . , : / @ % + = - (device paths: absolute, or relative to the login's home; "
-            "'~' is not expanded in quoted commands)"
-        )
-
-
-def _coerce(where: str, field: str, value: Any) -> Any:
-    """Check the type of one field; never silently convert."""
-    if value is None:
-        return None
-    if field in INT_FIELDS:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InventoryError(f"{where}: field '{field}' must be an integer, got {value!r}")
-        return value
-    if field in FLOAT_FIELDS:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InventoryError(f"{where}: field '{field}' must be a number, got {value!r}")
-        return float(value)
-    if field in BOOL_FIELDS:
-        if not isinstance(value, bool):
-            raise InventoryError(f"{where}: field '{field}' must be true or false, got {value!r}")
-        return value
-    if not isinstance(value, str):
-        raise InventoryError(f"{where}: field '{field}' must be a string, got {value!r}")
-    _check_value(where, field, value)
+def _shell_safe(value: str) -> str:
+    if not value:
+        raise ValueError("is empty; set it")
+    _refuse_unsafe(value, value)
     return value
 
 
-def _build_host(name: str, group: str, merged: Mapping[str, Any]) -> Host:
-    where = f"host '{name}' (group '{group}')"
-    known = {f.name for f in fields(Host)} - {"name", "group"}
-    for key in merged:
-        if key not in known:
-            raise InventoryError(f"{where}: unknown field '{key}'; known fields: {', '.join(sorted(known))}")
-    values = {**OPTIONAL_DEFAULTS, **merged}
-    for key in REQUIRED:
-        if key not in values or values[key] is None:
-            raise InventoryError(f"{where}: missing field '{key}'; set it on the host or in the group's defaults")
-    values = {k: _coerce(where, k, v) for k, v in values.items()}
-    kind, runtime, precision = values["kind"], values["runtime"], values["precision"]
-    if kind not in KINDS:
-        raise InventoryError(f"{where}: field 'kind' is '{kind}'; use one of {', '.join(KINDS)}")
-    if runtime not in RUNTIMES:
-        raise InventoryError(f"{where}: field 'runtime' is '{runtime}'; use one of {', '.join(RUNTIMES)}")
-    if precision not in PRECISIONS_BY_RUNTIME[runtime]:
-        raise InventoryError(f"{where}: field 'precision' is '{precision}', which {runtime} hosts do not "
-                             f"support; use one of {', '.join(PRECISIONS_BY_RUNTIME[runtime])}")
-    if runtime == "tensorrt" and not values["trt_workspace_mb"]:
-        raise InventoryError(f"{where}: missing field 'trt_workspace_mb' (TensorRT engine builds need a "
-                             "workspace limit on a Jetson)")
-    if kind != "local" and not values["address"]:
-        raise InventoryError(f"{where}: missing field 'address'; SSH hosts need an address")
-    if kind != "local" and not values["key"] and not values["agent"]:
-        raise InventoryError(f"{where}: no authentication: set 'key' (a private key path) or 'agent: true' "
-                             "(passwords are not supported)")
-    if not 1 <= values["port"] <= 65535:
-        raise InventoryError(f"{where}: field 'port' {values['port']} is not a TCP port")
-    if values["ort_threads"] < 1 or values["bench_iterations"] < 1 or values["bench_warmup"] < 0:
-        raise InventoryError(f"{where}: ort_threads and bench_iterations must be >= 1, bench_warmup >= 0")
-    if values["thermal_resume_c"] >= values["thermal_throttle_c"]:
-        raise InventoryError(f"{where}: thermal_resume_c must be below thermal_throttle_c (hysteresis)")
-    if not values["frames_dir"]:
-        values["frames_dir"] = values["deploy_dir"].rstrip("/") + "/frames"
-    return Host(name=name, group=group, **values)
+def _shell_safe_or_empty(value: str) -> str:
+    return _shell_safe(value) if value else value
+
+
+def _local_path(value: str) -> str:
+    # A path on THIS machine (never sent to a shell): `~/` is expanded here, so it is allowed.
+    checked = value[2:] if value.startswith("~/") else value
+    if not checked:
+        raise ValueError(f"is {value!r}; give the path of a file")
+    _refuse_unsafe(value, checked)
+    return value
+
+
+def _deploy_dir(value: str) -> str:
+    if ".." in value.split("/"):
+        raise ValueError(f"is {value!r}: a '..' component climbs out of the folder; give the deploy folder itself "
+                         "(absolute, or relative to the login's home)")
+    norm = posixpath.normpath(value)
+    if norm.startswith("//"):  # POSIX keeps a leading '//' (implementation-defined); it still means '/'
+        norm = "/" + norm.lstrip("/")
+    if norm == "." or norm in SYSTEM_FOLDERS or any(norm.startswith(t + "/") for t in SYSTEM_TREES):
+        what = "the login's home (or the inventory's folder) itself" if norm == "." else "a system folder"
+        raise ValueError(f"is {value!r}, {what}: the deploy creates, re-links and deletes files under deploy_dir; "
+                         "use a folder of its own, e.g. /home/<user>/edge-defect")
+    return value
+
+
+ShellSafe = Annotated[str, AfterValidator(_shell_safe)]
+ShellSafeOrEmpty = Annotated[str, AfterValidator(_shell_safe_or_empty)]
+
+
+class _Strict(BaseModel):
+    """Exact types (no "22" for 22), no unknown keys, finite floats."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class _HostFields(_Strict):
+    """The fields of one host after merging (`Host` minus name and group), with their constraints."""
+
+    kind: Kind
+    address: ShellSafeOrEmpty = ""  # not needed for local hosts
+    port: int = Field(ge=1, le=65535)
+    user: ShellSafe
+    key: Annotated[str, AfterValidator(_local_path)] | None = None
+    agent: bool
+    accept_new_host_key: bool
+    arch: ShellSafe
+    runtime: Runtime
+    precision: Precision
+    deploy_dir: Annotated[str, AfterValidator(_shell_safe), AfterValidator(_deploy_dir)]
+    python: ShellSafe
+    ort_threads: int = Field(ge=1)
+    # Junction limits of these boards are about 100-105 C: a threshold above 125 would never trigger.
+    thermal_throttle_c: float = Field(gt=0.0, le=125.0)
+    thermal_resume_c: float = Field(gt=0.0, le=125.0)
+    trt_workspace_mb: int | None = Field(default=None, ge=1)
+    frames_dir: ShellSafeOrEmpty = ""  # "" = <deploy_dir>/frames
+    bench_warmup: int = Field(ge=0)
+    bench_iterations: int = Field(ge=1)
+    conf: float = Field(ge=0.0, le=1.0)
+    iou: float = Field(ge=0.0, le=1.0)
+    max_det: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> _HostFields:
+        supported = PRECISIONS_BY_RUNTIME[self.runtime]
+        if self.precision not in supported:
+            raise rule("precision", f"is '{self.precision}', which {self.runtime} hosts do not support; "
+                                    f"use one of {', '.join(supported)}")
+        if self.runtime == "tensorrt" and self.trt_workspace_mb is None:
+            raise rule("trt_workspace_mb", "is missing: TensorRT engine builds need a workspace limit on a Jetson; "
+                                           "set it (e.g. 1024)")
+        if self.kind != "local" and not self.address:
+            raise rule("address", "is missing: SSH hosts need an address; set it on the host")
+        if self.kind != "local" and self.key is None and not self.agent:
+            raise rule("key", "is not set and agent is false: no authentication; set 'key' (a private key path) or "
+                              "'agent: true' (passwords are not supported)")
+        if self.thermal_resume_c >= self.thermal_throttle_c:
+            raise rule("thermal_resume_c", f"must be below thermal_throttle_c (hysteresis): {self.thermal_resume_c:g} "
+                                           f">= {self.thermal_throttle_c:g}")
+        return self
+
+
+class _SettingsFields(_Strict):
+    """The `settings:` section; every field is optional (the defaults are Settings')."""
+
+    concurrency: int = Field(default=Settings.concurrency, ge=1)
+    known_hosts: str = Field(default=Settings.known_hosts, min_length=1)  # read here, never sent to a shell
+    connect_timeout_s: float = Field(default=Settings.connect_timeout_s, gt=0.0)
+
+
+class _GroupDoc(_Strict):
+    """One entry of `groups:`; host names and their fields are checked when hosts are built."""
+
+    defaults: dict[Any, Any] | None = None
+    hosts: dict[Any, dict[Any, Any] | None] | None = None
+
+
+class _InventoryDoc(_Strict):
+    """The top level of the file."""
+
+    settings: _SettingsFields | None = None
+    defaults: dict[Any, Any] | None = None
+    groups: dict[Any, _GroupDoc | None] | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------
+
+
+def _doc_line(path: Path, p: Problem) -> str:
+    """A problem of the file's structure (top level, settings, groups) as one message line."""
+    if p.kind == "unknown" and len(p.loc) == 1:
+        return f"{path}: unknown top-level key '{p.key}'; use {', '.join(TOP_LEVEL_KEYS)}"
+    if p.kind == "unknown":
+        return f"{path}: unknown key '{p.key}'; valid keys are {', '.join(p.valid)}"
+    return f"{path}: '{p.key}' {p.phrase}"
+
+
+def _host_line(path: Path, name: str, group: str, p: Problem, origin: Mapping[str, str]) -> str:
+    """A problem of one host's merged fields; says where a value came from when not from the host."""
+    field = str(p.loc[0]) if p.loc else ""
+    where = f"{path}: host '{name}' (group '{group}')"
+    set_in = f" (set in {origin[field]})" if origin.get(field, "the host") != "the host" else ""
+    if p.kind == "missing":
+        return f"{where}: missing field '{field}'; set it on the host or in the group's defaults"
+    if p.kind == "unknown":
+        return f"{where}: unknown field '{field}'{set_in}; known fields: {', '.join(sorted(p.valid))}"
+    return f"{where}: field '{field}' {p.phrase}{set_in}"
+
+
+def _build_host(path: Path, name: str, group: str, layers: list[tuple[str, Mapping[Any, Any]]],
+                errors: list[str]) -> Host | None:
+    """Merge `layers` (lowest precedence first) and validate; problems go to `errors`."""
+    merged: dict[Any, Any] = {}
+    origin: dict[str, str] = {}
+    for label, layer in layers:
+        merged.update(layer)
+        origin.update({str(k): label for k in layer})
+    # `null` unsets: the field falls back to its default, or is reported missing.
+    values = {k: v for k, v in merged.items() if v is not None}
+    try:
+        f = _HostFields.model_validate(values)
+    except ValidationError as e:
+        errors.extend(_host_line(path, name, group, p, origin) for p in problems(e, _HostFields))
+        return None
+    frames_dir = f.frames_dir or f.deploy_dir.rstrip("/") + "/frames"
+    return Host(name=name, group=group, **{**f.model_dump(), "frames_dir": frames_dir})
+
+
+def _device(h: Host) -> tuple[str, int, str, str]:
+    """What makes two entries the same device folder: a relative deploy_dir is in the login's home."""
+    folder = posixpath.normpath(h.deploy_dir)
+    return h.address.lower(), h.port, "" if folder.startswith("/") else h.user, folder
 
 
 def parse_inventory(doc: Any, path: Path) -> Inventory:
     """Validate an inventory document (already parsed YAML) into an Inventory."""
     if not isinstance(doc, dict):
         raise InventoryError(f"{path}: expected a mapping with 'groups:' at the top level")
-    for key in doc:
-        if key not in TOP_LEVEL_KEYS:
-            raise InventoryError(f"{path}: unknown top-level key '{key}'; use {', '.join(TOP_LEVEL_KEYS)}")
-    raw_settings = doc.get("settings") or {}
-    known_settings = {f.name for f in fields(Settings)}
-    for key, value in raw_settings.items():
-        if key not in known_settings:
-            raise InventoryError(f"{path}: unknown settings field '{key}'; known: {', '.join(sorted(known_settings))}")
-    settings = Settings(**raw_settings)
-    if not isinstance(settings.concurrency, int) or settings.concurrency < 1:
-        raise InventoryError(f"{path}: settings.concurrency must be an integer >= 1")
-    defaults = doc.get("defaults") or {}
-    groups_doc = doc.get("groups")
-    if not isinstance(groups_doc, dict) or not groups_doc:
+    try:
+        top = _InventoryDoc.model_validate(doc)
+    except ValidationError as e:
+        raise InventoryError("\n".join(_doc_line(path, p) for p in problems(e, _InventoryDoc))) from None
+    settings = Settings(**(top.settings or _SettingsFields()).model_dump())
+    if not top.groups:
         raise InventoryError(f"{path}: no groups; add a 'groups:' mapping of group name -> hosts")
+    errors: list[str] = []
     groups: dict[str, tuple[Host, ...]] = {}
-    seen: dict[str, str] = {}
-    for group, body in groups_doc.items():
-        if not isinstance(group, str) or not SAFE_NAME.match(group):
-            raise InventoryError(f"{path}: group name {group!r} must be letters, digits, '_', '.', '-'")
-        body = body or {}
-        if not isinstance(body, dict) or set(body) - {"defaults", "hosts"}:
-            raise InventoryError(f"group '{group}': expected only 'defaults:' and 'hosts:'")
-        hosts_doc = body.get("hosts") or {}
-        if not isinstance(hosts_doc, dict):
-            raise InventoryError(f"group '{group}': 'hosts:' must map host names to their fields")
+    seen: dict[str, str] = {}  # host name -> its group
+    devices: dict[tuple[str, int, str, str], Host] = {}
+    for group, body in top.groups.items():
+        if not isinstance(group, str) or not SAFE_NAME.fullmatch(group):
+            errors.append(f"{path}: group name {group!r} must be letters, digits, '_', '.', '-'")
+            continue
+        body = body or _GroupDoc()
         built = []
-        for name, overrides in hosts_doc.items():
-            if not isinstance(name, str) or not SAFE_NAME.match(name):
-                raise InventoryError(f"group '{group}': host name {name!r} must be letters, digits, '_', '.', '-'")
+        for name, overrides in (body.hosts or {}).items():
+            if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+                errors.append(f"{path}: group '{group}': host name {name!r} must be letters, digits, '_', '.', '-'")
+                continue
             if name in seen:
-                raise InventoryError(f"host '{name}' is listed in group '{seen[name]}' and again in group "
-                                     f"'{group}'; host names must be unique across the inventory")
+                errors.append(f"{path}: host '{name}' is listed in group '{seen[name]}' and again in group "
+                              f"'{group}'; host names must be unique across the inventory")
+                continue
             seen[name] = group
-            merged = {**defaults, **(body.get("defaults") or {}), **(overrides or {})}
-            built.append(_build_host(name, group, merged))
+            layers = [("the top-level defaults", top.defaults or {}),
+                      (f"group '{group}' defaults", body.defaults or {}), ("the host", overrides or {})]
+            host = _build_host(path, name, group, layers, errors)
+            if host is None:
+                continue
+            other = devices.setdefault(_device(host), host)
+            if other is not host:
+                errors.append(f"{path}: hosts '{other.name}' (group '{other.group}') and '{name}' (group '{group}') "
+                              f"are the same device ({host.address or 'this machine'} port {host.port}, deploy_dir "
+                              f"{host.deploy_dir}): their deploys would overwrite each other; remove one, or give "
+                              "each its own deploy_dir")
+            built.append(host)
         groups[group] = tuple(built)
+    if errors:
+        raise InventoryError("\n".join(errors))
     return Inventory(path=path, settings=settings, groups=groups)
 
 
@@ -261,14 +367,11 @@ def load_inventory(path: Path | str) -> Inventory:
     """Read and validate an inventory file (see inventory.yaml for the documented format)."""
     p = Path(path)
     try:
-        doc = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+        doc = load_yaml(p.read_text())
     except FileNotFoundError as e:
         raise InventoryError(f"{p}: not found; pass --inventory PATH or create inventory.yaml") from e
+    except DuplicateKeyError as e:
+        raise InventoryError(f"{p}: {e} (a host or field listed twice)") from None
     except yaml.YAMLError as e:
         raise InventoryError(f"{p}: not valid YAML ({e})") from e
     return parse_inventory(doc, p)
-
-
-def host_names(hosts: Iterable[Host]) -> str:
-    """Comma-separated host names, for messages."""
-    return ", ".join(h.name for h in hosts)

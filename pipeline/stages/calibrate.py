@@ -19,7 +19,6 @@ in at the end, so an error in any set leaves every previous set untouched.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 import shutil
@@ -278,7 +277,7 @@ def _write_set(tmp: Path, name: str, frames: list[Frame], source_dir: Path, sele
             "dedup": "DCT pHash; a frame within dedup_hamming bits of an earlier kept frame is dropped",
             "descriptor": "grey thumb_size^2 thumbnail / thumb_size + hist_weight * hist_bins-per-channel histogram",
             "start": "frame nearest the descriptor mean; then farthest from the chosen, ties to the lowest index",
-            "params": dataclasses.asdict(p),
+            "params": p.model_dump(),
             "seed": seed,
         },
         "counts": {

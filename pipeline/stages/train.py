@@ -17,7 +17,7 @@ import io
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,7 @@ def model_spec(p: TrainParams, workdir: Path) -> str:
 
 
 def _train_kwargs(p: TrainParams, base: BaseParams) -> dict[str, Any]:
-    kw = asdict(p)
+    kw = p.model_dump()
     kw.pop("model")
     kw.pop("activation")
     kw.update(seed=base.seed, deterministic=True, device="cpu", plots=False, amp=False,

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pipeline.fleet.artifacts import ArtifactError, Sources, build_release, runtime_bundle, select_model_files
-from pipeline.fleet.inventory import InventoryError, load_inventory, parse_inventory
+from pipeline.fleet.inventory import Host, InventoryError, _HostFields, load_inventory, parse_inventory
 from pipeline.fleet.remote import device_command
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,7 +59,7 @@ def test_defaults_and_overrides() -> None:
 def test_hostile_values_rejected(field: str, value: str) -> None:
     doc = copy.deepcopy(BASE)
     doc["groups"]["pis"]["hosts"]["pi1"][field] = value
-    with pytest.raises(InventoryError, match=rf"host 'pi1'.*field '{field}'.*metacharacter"):
+    with pytest.raises(InventoryError, match=rf"inventory\.yaml: host 'pi1'.*field '{field}'.*metacharacter"):
         _parse(doc)
 
 
@@ -72,22 +72,134 @@ def test_hostile_values_rejected(field: str, value: str) -> None:
     (lambda d: d["groups"]["jetsons"]["defaults"].pop("trt_workspace_mb"), r"host 'j1'.*trt_workspace_mb"),
     (lambda d: d["groups"]["pis"]["hosts"]["pi1"].update(port="22"), r"'port' must be an integer"),
     (lambda d: d["defaults"].update(key=None), r"no authentication"),
-    (lambda d: d["groups"]["pis"]["hosts"]["pi1"].update(deploy_dir="~/edge"), r"field 'deploy_dir'.*'~' is not expanded"),
-    (lambda d: d["groups"]["pis"]["hosts"]["pi1"].update(thermal_resume_c=90), r"thermal_resume_c must be below"),
+    (lambda d: d["groups"]["pis"]["hosts"]["pi1"].update(deploy_dir="~/edge"),
+     r"field 'deploy_dir'.*'~' is not expanded"),
+    (lambda d: d["groups"]["pis"]["hosts"]["pi1"].update(thermal_resume_c=90), r"'thermal_resume_c' must be below"),
 ])
 def test_invalid_inventory(mutate: Any, message: str) -> None:
+    doc = copy.deepcopy(BASE)
+    mutate(doc)
+    with pytest.raises(InventoryError, match=message) as e:
+        _parse(doc)
+    assert str(e.value).startswith("inventory.yaml: ")
+
+
+def test_duplicate_yaml_key_rejected(tmp_path: Path) -> None:
+    text = yaml.safe_dump(BASE, sort_keys=False).replace("    pi2:", "    pi1:")
+    (tmp_path / "inv.yaml").write_text(text)
+    with pytest.raises(InventoryError, match=r"duplicate key 'groups\.pis\.hosts\.pi1' \(lines \d+ and \d+\)") as e:
+        load_inventory(tmp_path / "inv.yaml")
+    assert str(tmp_path / "inv.yaml") in str(e.value)
+
+
+def _error(doc: dict[str, Any]) -> str:
+    """The InventoryError message for `doc`; every line names the file."""
+    with pytest.raises(InventoryError) as e:
+        _parse(doc)
+    lines = str(e.value).splitlines()
+    assert lines and all(line.startswith("inventory.yaml: ") for line in lines), lines
+    return str(e.value)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("python", "/usr/bin/python3\n"), ("address", "10.0.0.1\n"), ("deploy_dir", "/home/pi/edge\r"),
+    ("user", "pi\t"), ("frames_dir", "/home/pi/frames\x00"), ("key", "~/.ssh/id\n"),
+])
+def test_control_characters_rejected(field: str, value: str) -> None:
+    doc = copy.deepcopy(BASE)
+    doc["groups"]["pis"]["hosts"]["pi1"][field] = value
+    message = _error(doc)
+    assert f"host 'pi1' (group 'pis'): field '{field}'" in message and "control characters" in message
+    assert repr(value[-1]) in message  # the offending character is shown
+
+
+@pytest.mark.parametrize("value,what", [
+    ("/", "a system folder"), ("/etc", "a system folder"), ("/etc/", "a system folder"), ("//etc", "a system folder"),
+    ("/usr", "a system folder"), ("/var", "a system folder"), ("/etc/edge", "a system folder"),
+    ("/proc/1", "a system folder"), ("../x", "'..' component"), ("/home/pi/../../etc", "'..' component"),
+    ("edge/../..", "'..' component"),
+])
+def test_dangerous_deploy_dir_rejected(value: str, what: str) -> None:
+    doc = copy.deepcopy(BASE)
+    doc["groups"]["pis"]["hosts"]["pi1"]["deploy_dir"] = value
+    message = _error(doc)
+    assert f"host 'pi1' (group 'pis'): field 'deploy_dir' is {value!r}" in message and what in message
+
+
+@pytest.mark.parametrize("value", ["/var/lib/edge", "/opt/edge", "/usr/local/edge", "edge-defect", "/tmp/edge"])
+def test_ordinary_deploy_dirs_accepted(value: str) -> None:
+    doc = copy.deepcopy(BASE)
+    doc["groups"]["pis"]["hosts"]["pi1"]["deploy_dir"] = value
+    assert _parse(doc).select(host="pi1")[0].deploy_dir == value
+
+
+def test_same_device_under_two_names_rejected() -> None:
+    doc = copy.deepcopy(BASE)
+    doc["groups"]["jetsons"]["hosts"]["j2"] = {"address": "10.0.0.1", "deploy_dir": "/home/pi/edge/"}  # pi1's
+    message = _error(doc)
+    assert "hosts 'pi1' (group 'pis') and 'j2' (group 'jetsons') are the same device" in message
+    doc["groups"]["jetsons"]["hosts"]["j2"]["port"] = 2222  # another port: another device (a forwarded one)
+    assert len(_parse(doc).hosts()) == 4
+
+
+def test_relative_deploy_dirs_of_two_users_differ() -> None:
+    doc = copy.deepcopy(BASE)
+    doc["defaults"]["deploy_dir"] = "edge"  # in each login's home
+    doc["groups"]["pis"]["hosts"]["pi2"] = {"address": "10.0.0.1", "user": "other"}
+    assert len(_parse(doc).hosts()) == 3
+    doc["groups"]["pis"]["hosts"]["pi2"]["user"] = "pi"
+    assert "are the same device" in _error(doc)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("conf", 1.5, r"field 'conf' must be in \[0, 1\], got 1\.5"),
+    ("conf", -0.1, r"field 'conf' must be in \[0, 1\], got -0\.1"),
+    ("iou", 2, r"field 'iou' must be in \[0, 1\], got 2"),
+    ("conf", float("nan"), r"field 'conf' must be a finite number"),
+    ("max_det", 0, r"field 'max_det' must be >= 1, got 0"),
+    ("port", 70000, r"field 'port' must be in \[1, 65535\], got 70000"),
+    ("ort_threads", 0, r"field 'ort_threads' must be >= 1, got 0"),
+    ("bench_warmup", -1, r"field 'bench_warmup' must be >= 0, got -1"),
+    ("agent", "yes", r"field 'agent' must be true or false, got 'yes'"),
+    ("kind", "robot", r"field 'kind' is 'robot'; choose one of pi, jetson, local"),
+])
+def test_out_of_range_values_rejected(field: str, value: Any, message: str) -> None:
+    doc = copy.deepcopy(BASE)
+    doc["groups"]["pis"]["hosts"]["pi1"][field] = value
+    with pytest.raises(InventoryError, match=rf"inventory\.yaml: host 'pi1' \(group 'pis'\): {message}"):
+        _parse(doc)
+
+
+def test_value_from_defaults_says_where_it_is_set() -> None:
+    doc = copy.deepcopy(BASE)
+    doc["defaults"]["conf"] = 3
+    message = _error(doc)
+    assert message.count("field 'conf' must be in [0, 1], got 3 (set in the top-level defaults)") == 3  # every host
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda d: d.update(colour=1), r"inventory\.yaml: unknown top-level key 'colour'; use settings, defaults, groups"),
+    (lambda d: d["settings"].update(concurrency=0), r"inventory\.yaml: 'settings\.concurrency' must be >= 1, got 0"),
+    (lambda d: d["settings"].update(retries=3),
+     r"inventory\.yaml: unknown key 'settings\.retries'; valid keys are concurrency"),
+    (lambda d: d["groups"]["pis"].update(vars={}),
+     r"inventory\.yaml: unknown key 'groups\.pis\.vars'; valid keys are defaults, hosts"),
+    (lambda d: d["groups"]["pis"]["hosts"].update({"pi3\n": {}}),
+     r"inventory\.yaml: group 'pis': host name 'pi3\\n' must be"),
+    (lambda d: d.update(groups={}), r"inventory\.yaml: no groups"),
+])
+def test_invalid_structure(mutate: Any, message: str) -> None:
     doc = copy.deepcopy(BASE)
     mutate(doc)
     with pytest.raises(InventoryError, match=message):
         _parse(doc)
 
 
-def test_duplicate_yaml_key_rejected(tmp_path: Path) -> None:
-    text = yaml.safe_dump(BASE, sort_keys=False).replace("    pi2:", "    pi1:")
-    (tmp_path / "inv.yaml").write_text(text)
-    with pytest.raises(InventoryError, match="duplicate key 'pi1'"):
-        load_inventory(tmp_path / "inv.yaml")
+def test_host_record_matches_the_schema() -> None:
+    """Host (the record) and _HostFields (what is validated) must list the same fields."""
+    from dataclasses import fields
 
+    assert {f.name for f in fields(Host)} - {"name", "group"} == set(_HostFields.model_fields)
 
 def test_unknown_group_and_host() -> None:
     inv = _parse(copy.deepcopy(BASE))
