@@ -1,16 +1,18 @@
-"""FP32 vs our INT8 vs Ultralytics' INT8 ONNX export vs dynamic quantization, in one run.
+r"""FP32 vs our INT8 vs Ultralytics' INT8 ONNX export vs dynamic quantization, in one run.
 
 For the default imgsz (export.imgsz) and 640: latency of each model measured interleaved
 (models take turns in every round; median of per-round medians, spread = max - min of the
 round medians), ratio vs FP32, mAP50-95 through the device pre/post processing on the val
 split and on val+test (twice the images), and file size. For "ours vs Ultralytics INT8" and
 "ours vs FP32" it also prints the mAP50-95 difference on val+test with a 95% paired-bootstrap
-interval: an interval that contains 0 means the two are not distinguishable on these images. All INT8 variants calibrate on the same frames: the camera
-calibration set's selected frames (calibration/camera/manifest.json).
+interval: an interval that contains 0 means the two are not distinguishable on these images.
+All INT8 variants calibrate on the same frames: the camera calibration set's selected frames
+(calibration/camera/manifest.json).
 
 Run after `dvc repro` (it needs models/, calibration/ and data/):
 
-    python benchmarks/quantization.py [--imgsz 256 640] [--rounds 7] [--runs 20] [--out reports/benchmarks/quantization.md]
+    python benchmarks/quantization.py [--imgsz 256 640] [--rounds 7] [--runs 20] \
+        [--out reports/benchmarks/quantization.md]
 """
 
 from __future__ import annotations

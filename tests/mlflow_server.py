@@ -2,10 +2,11 @@
 
 SQLite backend store + proxied artifacts (`--serve-artifacts --artifacts-destination DIR`), so a
 client uploads artifacts over HTTP and never needs the server's disk: the setup
-docs/mlflow-and-team-setup.md recommends for sharing one server. The fixture `mlflow_server` is session-scoped (a server takes
-10-30 s to come up on 2 cores); test modules load it with `pytest_plugins = ["mlflow_server"]`,
-which registers it once for the whole session (a plain `from mlflow_server import ...` in two
-modules would start two servers). Tests that use it are marked `server`.
+docs/mlflow-and-team-setup.md recommends for sharing one server. The fixture `mlflow_server` is
+session-scoped (a server takes 10-30 s to come up on 2 cores); test modules load it with
+`pytest_plugins = ["mlflow_server"]`, which registers it once for the whole session (a plain
+`from mlflow_server import ...` in two modules would start two servers). Tests that use it are
+marked `server`.
 """
 
 from __future__ import annotations

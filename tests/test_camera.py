@@ -121,8 +121,10 @@ def _frame(seed: int, w: int = 80, h: int = 60) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
 
 
-def _ingest_params(repo_params: dict, ingest_dir: Path, labelled: str = "") -> tuple[CameraParams, DataParams, BaseParams]:
-    return _params(repo_params, source="ingest", ingest_dir=str(ingest_dir), ingest_labelled_dir=labelled, video_fps=2.0)
+def _ingest_params(repo_params: dict, ingest_dir: Path,
+                   labelled: str = "") -> tuple[CameraParams, DataParams, BaseParams]:
+    return _params(repo_params, source="ingest", ingest_dir=str(ingest_dir), ingest_labelled_dir=labelled,
+                   video_fps=2.0)
 
 
 def test_ingest_images(tmp_path: Path, repo_params: dict, train_yaml: Path) -> None:
@@ -176,7 +178,8 @@ def test_ingest_labelled_folder(tmp_path: Path, repo_params: dict, train_yaml: P
         camera.build_camera_frames(out, train_yaml, *_ingest_params(repo_params, tmp_path / "camera", str(lab)))
 
 
-@pytest.mark.parametrize("problem", ["corrupt", "empty_file", "mixed_sizes", "empty_camera", "no_cameras", "loose_file"])
+@pytest.mark.parametrize("problem",
+                         ["corrupt", "empty_file", "mixed_sizes", "empty_camera", "no_cameras", "loose_file"])
 def test_ingest_errors_name_the_file_and_write_nothing(tmp_path: Path, repo_params: dict, train_yaml: Path,
                                                        problem: str) -> None:
     src = tmp_path / "camera"

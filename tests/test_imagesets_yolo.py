@@ -116,7 +116,8 @@ def test_import_yolo_orphan_label_and_missing_names(tmp_path: Path) -> None:
 VOC = """<annotation><folder>x</folder><filename>{name}</filename>
 <size><width>200</width><height>200</height><depth>1</depth></size>
 {objects}</annotation>"""
-OBJ = "<object><name>{cls}</name><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"
+OBJ = ("<object><name>{cls}</name>"
+       "<bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>")
 
 
 def _voc_tree(root: Path) -> None:

@@ -255,8 +255,8 @@ def _add_clutter(rng: np.random.Generator, img: np.ndarray, count: int) -> None:
             stain = _canvas(size)
             c = rng.uniform(0, size, 2)
             axes = rng.uniform(0.05, 0.2, 2) * size
-            cv2.ellipse(stain, ((float(c[0]), float(c[1])), (float(axes[0]), float(axes[1])), float(rng.uniform(0, 180))),
-                        1.0, -1, cv2.LINE_AA)
+            box = ((float(c[0]), float(c[1])), (float(axes[0]), float(axes[1])), float(rng.uniform(0, 180)))
+            cv2.ellipse(stain, box, 1.0, -1, cv2.LINE_AA)
             img += cv2.GaussianBlur(stain, (0, 0), size / 25) * rng.uniform(-8, 8)
         elif kind == 1:  # isolated specks of dust
             for _ in range(int(rng.integers(1, 4))):

@@ -78,7 +78,8 @@ def decode_image(path: Path) -> np.ndarray:
     return img
 
 
-def validate_label_text(text: str, source: Path, num_classes: int) -> tuple[tuple[int, float, float, float, float], ...]:
+def validate_label_text(text: str, source: Path,
+                        num_classes: int) -> tuple[tuple[int, float, float, float, float], ...]:
     """Parse YOLO label text ("cls cx cy w h" per line) and check every line.
 
     Checks: five fields, integer class in range, numbers finite, centre/size normalised to
@@ -118,7 +119,8 @@ def validate_label_text(text: str, source: Path, num_classes: int) -> tuple[tupl
             )
         if w <= 0.0 or h <= 0.0:
             raise DatasetError(f"{where}: box has zero area (w={w}, h={h}); remove the line or fix the box")
-        if cx - w / 2 < -EDGE_TOLERANCE or cx + w / 2 > 1 + EDGE_TOLERANCE or cy - h / 2 < -EDGE_TOLERANCE or cy + h / 2 > 1 + EDGE_TOLERANCE:
+        if (cx - w / 2 < -EDGE_TOLERANCE or cx + w / 2 > 1 + EDGE_TOLERANCE
+                or cy - h / 2 < -EDGE_TOLERANCE or cy + h / 2 > 1 + EDGE_TOLERANCE):
             raise DatasetError(
                 f"{where}: box {cx} {cy} {w} {h} extends outside the image; clip it to the image bounds"
             )
@@ -179,13 +181,14 @@ def _read_yolo_names(root: Path) -> tuple[str, ...]:
             return validate_class_names(names, f)
     classes = root / "classes.txt"
     if classes.is_file():
-        return validate_class_names([l for l in classes.read_text().splitlines() if l.strip()], classes)
+        return validate_class_names([ln for ln in classes.read_text().splitlines() if ln.strip()], classes)
     raise DatasetError(
         f"{root}: no class names; add data.yaml with 'names:' or classes.txt with one name per line"
     )
 
 
-def import_yolo(root: Path, val_fraction: float, test_fraction: float, seed: int) -> tuple[tuple[str, ...], list[Sample]]:
+def import_yolo(root: Path, val_fraction: float, test_fraction: float,
+                seed: int) -> tuple[tuple[str, ...], list[Sample]]:
     """Read a YOLO-format folder: `images/` + `labels/` (with or without train/val/test subfolders).
 
     Labels are matched to images by relative path (`images/a/b.jpg` -> `labels/a/b.txt`); an
@@ -198,7 +201,9 @@ def import_yolo(root: Path, val_fraction: float, test_fraction: float, seed: int
     names = _read_yolo_names(root)
     images = _images_under(images_dir)
     if not images:
-        raise DatasetError(f"{images_dir}: no images ({', '.join(IMAGE_SUFFIXES)}); point data.import_dir at the dataset")
+        raise DatasetError(
+            f"{images_dir}: no images ({', '.join(IMAGE_SUFFIXES)}); point data.import_dir at the dataset"
+        )
     rel = [p.relative_to(images_dir) for p in images]
     has_splits = all(len(r.parts) > 1 and r.parts[0] in SPLITS for r in rel)
     if has_splits and not any(r.parts[0] == "val" for r in rel):
@@ -207,7 +212,9 @@ def import_yolo(root: Path, val_fraction: float, test_fraction: float, seed: int
     if len(set(flat_names)) != len(flat_names):
         raise DatasetError(f"{images_dir}: two images share a name apart from the suffix; rename one")
     assignment = {} if has_splits else split_names(flat_names, val_fraction, test_fraction, seed)
-    label_files = {p.relative_to(labels_dir).with_suffix("") for p in labels_dir.rglob("*.txt")} if labels_dir.is_dir() else set()
+    label_files = (
+        {p.relative_to(labels_dir).with_suffix("") for p in labels_dir.rglob("*.txt")} if labels_dir.is_dir() else set()
+    )
     orphan = sorted(label_files - {r.with_suffix("") for r in rel})
     if orphan:
         raise DatasetError(f"label file {labels_dir / orphan[0]}.txt has no image; add the image or delete the label")
@@ -222,7 +229,8 @@ def import_yolo(root: Path, val_fraction: float, test_fraction: float, seed: int
     return names, samples
 
 
-def _voc_object(obj: ET.Element, xml_path: Path, index: int, width: int, height: int) -> tuple[str, float, float, float, float]:
+def _voc_object(obj: ET.Element, xml_path: Path, index: int, width: int,
+                height: int) -> tuple[str, float, float, float, float]:
     where = f"annotation {xml_path} object {index + 1}"
     name = (obj.findtext("name") or "").strip()
     if not name:
@@ -247,7 +255,8 @@ def _voc_object(obj: ET.Element, xml_path: Path, index: int, width: int, height:
     return name, (x0 + x1) / 2 / width, (y0 + y1) / 2 / height, (x1 - x0) / width, (y1 - y0) / height
 
 
-def import_voc(root: Path, val_fraction: float, test_fraction: float, seed: int) -> tuple[tuple[str, ...], list[Sample]]:
+def import_voc(root: Path, val_fraction: float, test_fraction: float,
+               seed: int) -> tuple[tuple[str, ...], list[Sample]]:
     """Read Pascal VOC XML annotations anywhere under `root` (NEU-DET / GC10-DET layouts).
 
     Each XML's <filename> is looked up among the images under `root` by file name (with or
@@ -272,7 +281,9 @@ def import_voc(root: Path, val_fraction: float, test_fraction: float, seed: int)
         filename = (tree.findtext("filename") or xml_path.stem).strip()
         image = by_name.get(filename) or by_name.get(Path(filename).stem) or by_name.get(xml_path.stem)
         if image is None:
-            raise DatasetError(f"annotation {xml_path}: image '{filename}' not found under {root}; add it or delete the XML")
+            raise DatasetError(
+                f"annotation {xml_path}: image '{filename}' not found under {root}; add it or delete the XML"
+            )
         size = tree.find("size")
         if size is not None and (size.findtext("width") or "").strip():
             width, height = int(float(size.findtext("width") or 0)), int(float(size.findtext("height") or 0))
@@ -290,7 +301,7 @@ def import_voc(root: Path, val_fraction: float, test_fraction: float, seed: int)
         raise DatasetError(f"{root}: two annotations point at images with the same name; rename one")
     assignment = split_names(stems, val_fraction, test_fraction, seed)
     samples = []
-    for xml_path, image, width, height, objects in parsed:
+    for xml_path, image, _width, _height, objects in parsed:
         text = "\n".join(f"{index[n]} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}" for n, cx, cy, w, h in objects)
         labels = validate_label_text(text, xml_path, len(names))
         samples.append(Sample(assignment[image.stem], image.stem, image, labels))
@@ -331,7 +342,8 @@ class DatasetWriter:
         self.summary = DatasetSummary(self.class_names)
         return self
 
-    def add(self, split: str, name: str, image_bytes: bytes, suffix: str, labels: Sequence[tuple[int, float, float, float, float]]) -> None:
+    def add(self, split: str, name: str, image_bytes: bytes, suffix: str,
+            labels: Sequence[tuple[int, float, float, float, float]]) -> None:
         """Add one image (encoded bytes) and its labels to `split`."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")

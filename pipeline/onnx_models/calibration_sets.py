@@ -22,7 +22,8 @@ def load_calibration_tensors(set_dir: Path, imgsz: int) -> np.ndarray:
     except (ValueError, OSError) as e:
         raise ValueError(f"calibration set {set_dir} is unreadable ({e}); re-run the calibrate stage") from e
     if tensors.ndim != 4 or tensors.shape[1:] != (3, imgsz, imgsz) or tensors.dtype != np.float32:
-        raise ValueError(f"{tensors_path} holds {tensors.dtype} {tensors.shape}, expected float32 (N, 3, {imgsz}, {imgsz}); "
+        raise ValueError(f"{tensors_path} holds {tensors.dtype} {tensors.shape}, "
+                         f"expected float32 (N, 3, {imgsz}, {imgsz}); "
                          "calibrate.imgsz must equal export.imgsz: re-run the calibrate stage")
     if len(tensors) == 0:
         raise ValueError(f"{tensors_path} is empty: the calibration set has no frames; add camera frames")

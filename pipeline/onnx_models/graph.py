@@ -158,7 +158,8 @@ def cut_before_decode(model: Any, head: HeadDecode) -> Any:
     dims = [d.dim_value for d in old_out.type.tensor_type.shape.dim]
     nc = dims[1] - 4
     del graph.output[:]
-    graph.output.append(helper.make_tensor_value_info(out_name, onnx.TensorProto.FLOAT, [dims[0], 4 * head.reg_max + nc, dims[2]]))
+    out_shape = [dims[0], 4 * head.reg_max + nc, dims[2]]
+    graph.output.append(helper.make_tensor_value_info(out_name, onnx.TensorProto.FLOAT, out_shape))
     used = {i for n in graph.node for i in n.input}
     kept_inits = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]

@@ -228,7 +228,9 @@ def synthesize_frames(frames_dir: Path, p: CameraParams, cfg: GeneratorConfig, s
             scene, _ = render_image(rng, cfg)
             exposure, wb = _scene_settings(rng, cam, s.exposure_jitter, s.wb_jitter)
             for k in range(s.burst_length):
-                shift = (0.0, 0.0) if k == 0 else tuple(float(v) for v in rng.uniform(-s.burst_shift_px, s.burst_shift_px, 2))
+                shift = (0.0, 0.0) if k == 0 else tuple(
+                    float(v) for v in rng.uniform(-s.burst_shift_px, s.burst_shift_px, 2)
+                )
                 img = camera_frame(scene, cam, rng, exposure, wb, shift)  # type: ignore[arg-type]
                 data = encode_jpeg(img, cam.jpeg_quality)
                 (cam_dir / f"{scene_index:05d}_{k:02d}.jpg").write_bytes(data)
@@ -265,7 +267,8 @@ class _LabelledWriter:
         (root / "labels" / LABELLED_SPLIT).mkdir(parents=True)
 
     def add(self, name: str, image_bytes: bytes, suffix: str,
-            labels: list[tuple[int, float, float, float, float]] | tuple[tuple[int, float, float, float, float], ...]) -> None:
+            labels: list[tuple[int, float, float, float, float]]
+            | tuple[tuple[int, float, float, float, float], ...]) -> None:
         """Add one image and its labels; the label text is re-validated as any import would be."""
         image_path = self.root / "images" / LABELLED_SPLIT / f"{name}{suffix.lower()}"
         if image_path.exists():

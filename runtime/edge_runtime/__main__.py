@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser, release: bool = True) -> None:
         if release:
-            sp.add_argument("--release", required=True, help="release folder (<deploy_dir>/current or releases/<sha12>)")
+            sp.add_argument("--release", required=True,
+                            help="release folder (<deploy_dir>/current or releases/<sha12>)")
             sp.add_argument("--engines", help="TensorRT engine cache (default <deploy_dir>/engines)")
         sp.add_argument("--variant", help="model variant name from the manifest (default: the first)")
         sp.add_argument("--thermal-root", default="/", help=argparse.SUPPRESS)  # tests point this at a fake /sys

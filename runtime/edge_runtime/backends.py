@@ -141,7 +141,8 @@ class OrtBackend(Backend):
 
         s = self.settings
         if s.threads < 1:
-            raise BackendError(f"ort.threads is {s.threads}; set it to the number of cores to use (>= 1) in the manifest")
+            raise BackendError(f"ort.threads is {s.threads}; "
+                               "set it to the number of cores to use (>= 1) in the manifest")
         if s.graph_optimization not in GRAPH_OPTIMIZATION_LEVELS:
             raise BackendError(f"ort.graph_optimization '{s.graph_optimization}' unknown; use one of "
                                f"{', '.join(GRAPH_OPTIMIZATION_LEVELS)}")

@@ -157,7 +157,8 @@ def publish(a: Args) -> Dict[str, Any]:
     for fname, (sha, size) in sorted(a["files"].items()):
         path = os.path.join(stage, fname)
         if not matches(path, sha, size):
-            problems.append("%s: %s after upload" % (fname, "missing" if not os.path.isfile(path) else "sha256 mismatch"))
+            problem = "missing" if not os.path.isfile(path) else "sha256 mismatch"
+            problems.append("%s: %s after upload" % (fname, problem))
             if os.path.isfile(path):
                 os.unlink(path)
     if problems:

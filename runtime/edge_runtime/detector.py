@@ -25,7 +25,8 @@ def resolve_release(release_dir: "Path | str") -> Path:
     """The real release folder (follows `current`/`previous` symlinks), or ReleaseError."""
     path = Path(release_dir)
     if not path.is_dir():
-        raise ReleaseError(f"release folder {path} not found; pass --release <deploy_dir>/current or a releases/<sha12>")
+        raise ReleaseError(f"release folder {path} not found; "
+                           "pass --release <deploy_dir>/current or a releases/<sha12>")
     return path.resolve()
 
 

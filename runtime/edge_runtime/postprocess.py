@@ -68,7 +68,8 @@ class HeadSpec:
             raise PostprocessError(f"num_classes must be >= 1, got {self.num_classes}; check the model's class names")
         for s in self.strides:
             if self.imgsz % s:
-                raise PostprocessError(f"imgsz {self.imgsz} is not a multiple of stride {s}; export at a multiple of 32")
+                raise PostprocessError(f"imgsz {self.imgsz} is not a multiple of stride {s}; "
+                                       "export at a multiple of 32")
 
     @property
     def num_anchors(self) -> int:

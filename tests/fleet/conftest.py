@@ -269,5 +269,6 @@ def fleet_models(tiny_model: dict[str, Path], tmp_path_factory: pytest.TempPathF
     # INT8 models as the quantize stage writes them (the committed inventory's local group is int8).
     make_int8(tiny_model["onnx"], tiny_model["dataset"], models / "yolov8n.int8.onnx")
     make_variant(models / "yolov8n.int8.onnx", models / "alt.int8.onnx", "alt")
-    sources = Sources(models_dir=models, samples_dir=tiny_model["dataset"] / "images" / "val", runtime_root=REPO / "runtime")
+    sources = Sources(models_dir=models, samples_dir=tiny_model["dataset"] / "images" / "val",
+                      runtime_root=REPO / "runtime")
     return {"dir": models, "sources": sources}

@@ -1,5 +1,6 @@
 """The device CLI contract with pipeline/fleet, run exactly as a device runs it: a subprocess with
-cwd = a folder holding only a copy of runtime/edge_runtime/ (the shipped runtime), so a stray import from the workstation side fails here too."""
+cwd = a folder holding only a copy of runtime/edge_runtime/ (the shipped runtime), so a stray import
+from the workstation side fails here too."""
 
 from __future__ import annotations
 

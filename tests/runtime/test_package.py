@@ -1,6 +1,6 @@
-"""House rules for runtime/edge_runtime/: Python 3.8 syntax (vermin checks the rest in CI), and imports limited to the stdlib, numpy,
-opencv, onnxruntime, the package itself -- and tensorrt/pycuda only inside functions of
-backends.py (lazy), so a Raspberry Pi never needs them."""
+"""House rules for runtime/edge_runtime/: Python 3.8 syntax (vermin checks the rest in CI), and
+imports limited to the stdlib, numpy, opencv, onnxruntime, the package itself -- and tensorrt/pycuda
+only inside functions of backends.py (lazy), so a Raspberry Pi never needs them."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def test_python39_syntax_and_imports(path: Path) -> None:
                     f"{path.name}:{node.lineno} imports {name} outside the TensorRT backend's functions"
             else:
                 assert name in sys.stdlib_module_names or name in ALLOWED_THIRD_PARTY or name == "__future__", \
-                    f"{path.name}:{node.lineno} imports {name}; runtime/edge_runtime may use only stdlib, numpy, cv2, onnxruntime"
+                    (f"{path.name}:{node.lineno} imports {name}; "
+                     "runtime/edge_runtime may use only stdlib, numpy, cv2, onnxruntime")
 
 
 def test_deploy_ops_is_self_contained() -> None:
