@@ -63,7 +63,8 @@ def tiny_model(root: Path) -> tuple[Path, Path]:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     os.environ.setdefault("YOLO_CONFIG_DIR", str(root / "yolo"))
     p = str(root / "params.yaml")
-    data.main(["--out", str(root / "defects"), "--metrics", str(root / "d.json"), "--params", p])
+    data.main(["--out", str(root / "defects"), "--metrics", str(root / "d.json"), "--headline", str(root / "dh.json"),
+               "--params", p])
     train.main(["--data", str(root / "defects" / "dataset.yaml"), "--out", str(root / "w.pt"), "--metrics",
                 str(root / "t.json"), "--epochs-csv", str(root / "e.csv"), "--params", p])
     (root / "models").mkdir()
@@ -192,7 +193,7 @@ def main() -> None:
                                                      path=tmp / f"inv{n}.yaml", concurrency=max(args.sizes)))
                 pids = [h.proc.pid for h in hosts[:n]]
 
-                def deploy(bench: bool = True) -> Any:
+                def deploy(bench: bool = True, inv: Any = inv) -> Any:  # this size's inventory, bound now
                     return runner.deploy(inv, group="pis", sources=sources, results_dir=tmp / "reports",
                                          log_to_mlflow=False, bench=bench)
 

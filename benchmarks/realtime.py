@@ -57,7 +57,8 @@ def build_tiny_model(work: Path) -> Path:
     p["export"].update(imgsz=64, parity_images=2)
     params = work / "params.yaml"
     params.write_text(yaml.safe_dump(p, sort_keys=False))
-    data.main(["--out", str(work / "defects"), "--metrics", str(work / "d.json"), "--params", str(params)])
+    data.main(["--out", str(work / "defects"), "--metrics", str(work / "d.json"), "--headline", str(work / "dh.json"),
+               "--params", str(params)])
     train.main(["--data", str(work / "defects" / "dataset.yaml"), "--out", str(work / "m.pt"), "--metrics",
                 str(work / "t.json"), "--epochs-csv", str(work / "e.csv"), "--params", str(params)])
     export.main(["--weights", str(work / "m.pt"), "--data", str(work / "defects"), "--out", str(work / "m.onnx"),
@@ -121,7 +122,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         slot = loop(detector, camera_fps, args.seconds, LatestSlot)
         naive = loop(detector, camera_fps, args.seconds, UnboundedQueue)
     print(f"\nmodel {model.name} imgsz {detector.spec.imgsz}, ORT threads {args.threads}, {os.cpu_count()} cores, "
-          f"frames {FRAME_W}x{FRAME_H}, camera {camera_fps} FPS (interval {interval_ms:.1f} ms), {args.seconds:g} s each")
+          f"frames {FRAME_W}x{FRAME_H}, camera {camera_fps} FPS (interval {interval_ms:.1f} ms), "
+          f"{args.seconds:g} s each")
     header = f"{'mode':<26}{'FPS':>8}{'% of inf-only':>15}{'mean age ms':>13}{'age/interval':>14}" \
              f"{'p95 age ms':>12}{'dropped':>9}{'max queue':>11}"
     print(header)
@@ -130,7 +132,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     for name, s in (("real-time loop (slot of 1)", slot), ("naive unbounded queue", naive)):
         age = s["frame_age_ms"]
         print(f"{name:<26}{s['fps']:>8.1f}{100.0 * s['fps'] / fps_inf:>14.1f}%{age['mean']:>13.1f}"
-              f"{age['mean'] / interval_ms:>14.2f}{age['p95']:>12.1f}{s['frames_dropped']:>9}{s['max_queue_depth']:>11}")
+              f"{age['mean'] / interval_ms:>14.2f}{age['p95']:>12.1f}{s['frames_dropped']:>9}"
+              f"{s['max_queue_depth']:>11}")
     print("(dropped: frames replaced in the slot; for the naive queue, frames still queued -- never inferred --"
           " when the run stopped)")
     ok_fps = slot["fps"] >= 0.95 * fps_inf

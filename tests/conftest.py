@@ -33,7 +33,8 @@ def repo_outputs_untouched() -> Any:
     yield
     after = _snapshot()
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
-    assert not changed, f"tests changed the checkout's pipeline outputs (pass the output paths explicitly): {changed[:10]}"
+    assert not changed, ("tests changed the checkout's pipeline outputs (pass the output paths explicitly): "
+                         f"{changed[:10]}")
 
 
 @pytest.fixture(autouse=True)
@@ -85,7 +86,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     with mlflow_store(root):
         out = {"dataset": root / "defects", "weights": root / "yolov8n.pt", "onnx": root / "yolov8n.onnx",
                "params": params_path}
-        data.main(["--out", str(out["dataset"]), "--metrics", str(root / "data.json"), "--params", str(params_path)])
+        data.main(["--out", str(out["dataset"]), "--metrics", str(root / "data.json"),
+                   "--headline", str(root / "data-headline.json"), "--params", str(params_path)])
         train.main(["--data", str(out["dataset"] / "dataset.yaml"), "--out", str(out["weights"]),
                     "--metrics", str(root / "train.json"), "--epochs-csv", str(root / "epochs.csv"),
                     "--params", str(params_path)])
@@ -105,7 +107,7 @@ def quantized(tiny_model: dict[str, Path], tmp_path_factory: pytest.TempPathFact
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     out = {**tiny_model, "params": params_path, "frames": root / "camera_frames", "calibration": root / "calibration",
            "int8": root / "yolov8n.int8.onnx", "dynamic": root / "yolov8n.dynamic.onnx",
-           "quantize_metrics": root / "quantize.json"}
+           "quantize_metrics": root / "quantize.json", "quantize_headline": root / "quantize-headline.json"}
     # Session-scoped: the per-test MLflow isolation does not cover it, so point MLflow at tmp here.
     with mlflow_store(root):
         camera.main(["--dataset-yaml", str(tiny_model["dataset"] / "dataset.yaml"), "--out", str(out["frames"]),
@@ -119,5 +121,6 @@ def quantized(tiny_model: dict[str, Path], tmp_path_factory: pytest.TempPathFact
                        "--int8", str(out["int8"]),
                        "--trt", str(root / "yolov8n.int8.trt.onnx"), "--dynamic", str(out["dynamic"]),
                        "--candidates", str(root / "candidates.csv"), "--metrics", str(out["quantize_metrics"]),
+                       "--headline", str(out["quantize_headline"]),
                        "--params", str(params_path)])
     return out

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping, Sequence
 
 # One copy of the tiny settings, owned by the reproducibility check (which shrinks params the same
 # way); re-exported here for the tests.
@@ -46,3 +47,13 @@ def mlflow_store(root: Path) -> Iterator[None]:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+def run_checked(cmd: Sequence[str], cwd: Path, env: Mapping[str, str], timeout: float = 900) -> str:
+    """Run a command (`dvc repro`, `fab deploy`...) in a workspace; its stdout + stderr, or an
+    AssertionError with the command, its exit status and the tail of both."""
+    proc = subprocess.run(list(cmd), cwd=cwd, env=dict(env), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-4000:]}")
+    return proc.stdout + proc.stderr

@@ -5,6 +5,7 @@ No test asserts a time: only that every number is there and consistent."""
 from __future__ import annotations
 
 import csv
+import fnmatch
 import io
 import json
 from pathlib import Path
@@ -15,7 +16,15 @@ import pytest
 from support import tiny_params
 
 from edge_runtime.detector import StageTimes
-from pipeline.config.params import BaseParams, BenchmarkParams, ExportParams, QuantizeParams, build, load_params
+from pipeline.config.params import (
+    BaseParams,
+    BenchmarkParams,
+    ExportParams,
+    QuantizeParams,
+    ReproCheckParams,
+    build,
+    load_params,
+)
 from pipeline.onnx_models.calibration_sets import (
     calibration_frame_paths,
     load_calibration_tensors,
@@ -39,7 +48,8 @@ class _FakeDetector:
 
 def test_interleaving_rotates_and_counts() -> None:
     log: list[str] = []
-    dets: dict[str, Any] = {n: _FakeDetector(n, log, s) for n, s in (("fp32", 0.010), ("int8", 0.004), ("dynamic", 0.02))}
+    dets: dict[str, Any] = {n: _FakeDetector(n, log, s)
+                            for n, s in (("fp32", 0.010), ("int8", 0.004), ("dynamic", 0.02))}
     t = bm.interleaved_detections(dets, [np.zeros((4, 4, 3), np.uint8)], warmup=2, runs=3, rounds=3)
     assert log[:6] == ["fp32"] * 2 + ["int8"] * 2 + ["dynamic"] * 2  # warm-up, untimed
     timed = log[6:]
@@ -74,10 +84,22 @@ def test_results_csv_and_mlflow_metrics() -> None:
     assert m["int8_256.p50_ms"] == 5.0 and m["int8_256.speedup_p50_vs_fp32"] == 2.0 and m["fp32_256.peak_rss_mb"] == 80
 
 
+def test_headline_is_three_latency_numbers_the_repro_check_ignores() -> None:
+    doc = _doc()
+    doc["results"]["640"] = {"fp32": doc["results"]["256"]["fp32"]}  # another size: not the headline
+    h = bm.headline(doc, 256)
+    assert h == {"fp32_p50_ms": 10.0, "int8_p50_ms": 5.0, "int8_speedup": 2.0}
+    assert bm.headline(doc, 320) == h  # the stage models' size not measured: the first size
+    # Latency is not bit-reproducible: every headline key must be one the repro check skips.
+    ignored = load_params("repro_check", ReproCheckParams).ignore_metrics
+    assert all(any(fnmatch.fnmatchcase(k, pat) for pat in ignored) for k in h), (h, ignored)
+
+
 def test_params_validation(repo_params: dict) -> None:
     p = dict(tiny_params(repo_params)["benchmark"])
     assert build(BenchmarkParams, p, "benchmark", F).imgsz == (64, 96)
-    for bad, msg in (({"imgsz": [100]}, "multiples of 32"), ({"imgsz": [64, 64]}, "twice"), ({"imgsz": []}, "multiples"),
+    for bad, msg in (({"imgsz": [100]}, "multiples of 32"), ({"imgsz": [64, 64]}, "twice"),
+                     ({"imgsz": []}, "multiples"),
                      ({"variants": ["fp32", "fp32"]}, "distinct"), ({"variants": ["fp16"]}, "choose one of"),
                      ({"runs": 0}, ">= 1"), ({"conf": 1.5}, r"\(0, 1\)"), ({"frames": 0}, ">= 1")):
         with pytest.raises(ValueError, match=msg):
@@ -135,18 +157,20 @@ def test_peak_rss_is_per_model(quantized: dict[str, Path]) -> None:  # noqa: F81
 def test_stage_results_schema(quantized: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
     results, table = tmp_path / "b" / "results.json", tmp_path / "b" / "results.csv"
     samples = tmp_path / "b" / "latency_samples.csv"
-    bm.main(["--weights", str(quantized["weights"]), "--model", str(quantized["onnx"]), "--int8", str(quantized["int8"]),
+    bm.main(["--weights", str(quantized["weights"]), "--model", str(quantized["onnx"]),
+             "--int8", str(quantized["int8"]),
              "--dynamic", str(quantized["dynamic"]), "--calibration", str(quantized["calibration"]),
              "--results", str(results), "--csv", str(table), "--samples", str(samples),
-             "--params", str(quantized["params"])])
+             "--headline", str(tmp_path / "b" / "headline.json"), "--params", str(quantized["params"])])
     assert samples.read_text().startswith("imgsz,variant,run,latency_ms\n")
     doc = json.loads(results.read_text())
     p = load_params("benchmark", BenchmarkParams, quantized["params"])
-    assert doc["schema"] == 1 and doc["config"]["threads"] == load_params("base", BaseParams, quantized["params"]).threads
+    threads = load_params("base", BaseParams, quantized["params"]).threads
+    assert doc["schema"] == 1 and doc["config"]["threads"] == threads
     assert sorted(doc["results"]) == sorted(str(s) for s in p.imgsz) == ["64", "96"]
-    for imgsz, row in doc["results"].items():
+    for row in doc["results"].values():
         assert sorted(row) == sorted(p.variants)  # JSON keys are sorted (stable bytes)
-        for v, r in row.items():
+        for r in row.values():
             lat = r["latency_ms"]
             assert 0 < lat["min"] <= lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
             assert r["iterations"] == p.runs * p.rounds and r["fps"] > 0 and r["threads"] == doc["config"]["threads"]
@@ -154,6 +178,10 @@ def test_stage_results_schema(quantized: dict[str, Path], tmp_path: Path) -> Non
         assert row["fp32"]["speedup_p50_vs_fp32"] == 1.0
         assert row["int8"]["size_bytes"] < 0.35 * row["fp32"]["size_bytes"]
     assert doc["results"]["64"]["int8"]["model"] == quantized["int8"].as_posix()  # the stage's own model at export size
+    at64 = doc["results"]["64"]  # export.imgsz: the stage models' own size is the headline
+    assert json.loads((tmp_path / "b" / "headline.json").read_text()) == {
+        "fp32_p50_ms": at64["fp32"]["latency_ms"]["p50"], "int8_p50_ms": at64["int8"]["latency_ms"]["p50"],
+        "int8_speedup": at64["int8"]["speedup_p50_vs_fp32"]}
     assert doc["results"]["96"]["fp32"]["model"].startswith("built for this run")
     assert "head=" in doc["results"]["96"]["int8"]["quantization"]  # the chosen candidate's config at the other size
     rows = list(csv.DictReader(table.open()))

@@ -18,7 +18,8 @@ from pipeline.stages import data
 
 def _run(tmp_path: Path, params_path: Path, out: str = "defects") -> tuple[Path, Path]:
     out_dir, metrics = tmp_path / out, tmp_path / f"{out}-metrics.json"
-    data.main(["--out", str(out_dir), "--metrics", str(metrics), "--params", str(params_path)])
+    data.main(["--out", str(out_dir), "--metrics", str(metrics), "--headline", str(tmp_path / f"{out}-headline.json"),
+               "--params", str(params_path)])
     return out_dir, metrics
 
 
@@ -37,6 +38,7 @@ def test_synthetic_is_byte_identical(tmp_path: Path, repo_params: dict[str, Any]
     assert set(m["instances"]["train"]) == {"crazing", "inclusion", "patches", "pitted_surface",
                                             "rolled-in_scale", "scratches"}
     assert m["instances_total"] == sum(sum(v.values()) for v in m["instances"].values()) > 0
+    assert json.loads((tmp_path / "a-headline.json").read_text()) == {"images_total": 36}  # the DVC metrics
     ds = yaml.safe_load((a / "dataset.yaml").read_text())
     assert ds["train"] == "images/train" and ds["nc"] == 6 and "path" not in ds
 

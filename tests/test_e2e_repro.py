@@ -20,18 +20,11 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from support import REPO
+from support import REPO, run_checked
 
 from pipeline.tools.repro_check import prepare_workspace, run_env
 
 pytestmark = pytest.mark.slow
-
-
-def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc.stdout + proc.stderr
 
 
 def _lock_hashes(repo: Path) -> dict[str, dict[str, str]]:
@@ -51,7 +44,7 @@ def env(repo: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def first_repro(repo: Path, env: dict[str, str]) -> str:
-    return _run(["dvc", "repro"], repo, env)
+    return run_checked(["dvc", "repro"], repo, env)
 
 
 def test_outputs_and_metrics(repo: Path, first_repro: str) -> None:
@@ -68,6 +61,9 @@ def test_outputs_and_metrics(repo: Path, first_repro: str) -> None:
                 "reports/benchmark/latency_samples.csv",
                 # issue 6: the report stage
                 "reports/report.md", "reports/report/summary.json", "reports/report/latency_quantiles.csv",
+                # the DVC metrics: headline numbers only
+                "reports/data/headline.json", "reports/quantize/headline.json", "reports/evaluate/headline.json",
+                "reports/benchmark/headline.json",
                 "reports/plots/accuracy_vs_latency.png", "reports/plots/latency_cdf.png",
                 "reports/plots/per_class_ap.png", "reports/plots/thermal_timeline.png"):
         assert (repo / out).is_file(), out
@@ -92,6 +88,32 @@ def test_outputs_and_metrics(repo: Path, first_repro: str) -> None:
     assert export["max_abs_diff_score"] <= 1e-3 and export["size_bytes"] > 1_000_000
     assert not (repo / "runs").exists(), "Ultralytics litter escaped into the repo"
     assert not list((repo / "data/defects/labels").glob("*.cache")), "label cache written into a DVC output"
+
+
+def test_dvc_metrics_are_the_headline_numbers(repo: Path, first_repro: str, env: dict[str, str]) -> None:
+    """`dvc metrics show` lists 13 numbers (was ~360 over nine files), each equal to the stage's full record."""
+    proc = subprocess.run(["dvc", "metrics", "show", "--json"], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=120, check=True)
+    (workspace,) = json.loads(proc.stdout).values()
+    shown = {path: doc["data"] for path, doc in workspace["data"].items()}
+    evaluate = json.loads((repo / "reports/evaluate/metrics.json").read_text())
+    bench = json.loads((repo / "reports/benchmark/results.json").read_text())["results"]["64"]
+    quantize = json.loads((repo / "reports/quantize/metrics.json").read_text())
+    assert shown == {
+        "reports/data/headline.json": {"images_total": 36},
+        "reports/quantize/headline.json": {"chosen": quantize["chosen"],
+                                           "fp32_size_mb": round(quantize["size_fp32_bytes"] / 1e6, 3),
+                                           "int8_size_mb": round(quantize["size_int8_bytes"] / 1e6, 3)},
+        "reports/evaluate/headline.json": {
+            **{f"{v}_mAP50-95_{s}": evaluate[s][v]["mAP50-95"] for v in ("fp32", "int8") for s in ("val", "camera")},
+            **{f"int8_drop_{s}": evaluate[s]["int8"]["drop_vs_fp32"] for s in ("val", "camera")}},
+        "reports/benchmark/headline.json": {"fp32_p50_ms": bench["fp32"]["latency_ms"]["p50"],
+                                            "int8_p50_ms": bench["int8"]["latency_ms"]["p50"],
+                                            "int8_speedup": bench["int8"]["speedup_p50_vs_fp32"]},
+    }
+    table = subprocess.run(["dvc", "metrics", "show"], cwd=repo, env=env, capture_output=True, text=True,
+                           timeout=120, check=True).stdout.strip().splitlines()
+    assert len(table) == 1 + 4, table  # header + one row per headline file
 
 
 def test_onnx_metadata(repo: Path, first_repro: str) -> None:
@@ -150,10 +172,10 @@ def test_lineage_tags_consistent_across_stages(repo: Path, first_repro: str, env
 
 
 def test_status_clean_and_second_repro_is_noop(repo: Path, env: dict[str, str], first_repro: str) -> None:
-    status = _run(["dvc", "status"], repo, env)
+    status = run_checked(["dvc", "status"], repo, env)
     assert "up to date" in status, status
     before = _lock_hashes(repo)
-    again = _run(["dvc", "repro"], repo, env)
+    again = run_checked(["dvc", "repro"], repo, env)
     for stage in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]:
         assert f"Stage '{stage}' didn't change, skipping" in again, again
     assert _lock_hashes(repo) == before

@@ -100,6 +100,12 @@ def test_summary_reports_skipped_camera_split() -> None:
     assert "camera_calibration_gain_on_camera" not in s
 
 
+def test_headline_is_fp32_int8_and_drop_per_split() -> None:
+    assert ev.headline(_result()) == {"fp32_mAP50-95_val": 0.5, "int8_mAP50-95_val": 0.497, "int8_drop_val": 0.003,
+                                      "fp32_mAP50-95_camera": 0.4}  # no `int8` on this camera split
+    assert set(ev.headline(_result(skip_camera=True))) == {"fp32_mAP50-95_val", "int8_mAP50-95_val", "int8_drop_val"}
+
+
 def test_per_class_csv() -> None:
     rows = list(csv.DictReader(io.StringIO(ev.per_class_csv(_result()))))
     assert list(rows[0]) == ["model", "split", "class", "AP50", "AP50-95"]
@@ -111,7 +117,8 @@ def test_per_class_csv() -> None:
 def test_params_validation(repo_params: dict) -> None:
     p = dict(tiny_params(repo_params)["evaluate"])
     build(EvaluateParams, p, "evaluate", F)
-    for bad, msg in (({"calibration_sets": ["phone"]}, "unknown set"), ({"calibration_sets": ["train", "train"]}, "twice"),
+    for bad, msg in (({"calibration_sets": ["phone"]}, "unknown set"),
+                     ({"calibration_sets": ["train", "train"]}, "twice"),
                      ({"images": -1}, ">= 0"), ({"pytorch_batch": 0}, ">= 1"), ({"split": "train"}, "choose one of")):
         with pytest.raises(ValueError, match=msg):
             build(EvaluateParams, {**p, **bad}, "evaluate", F)
@@ -199,7 +206,8 @@ def test_stage_main_writes_metrics_and_csv(quantized: dict[str, Path], tmp_path:
              "--int8", str(quantized["int8"]), "--dynamic", str(quantized["dynamic"]),
              "--calibration", str(quantized["calibration"]), "--quantize-metrics", str(quantized["quantize_metrics"]),
              "--data", str(quantized["dataset"]), "--camera", str(quantized["frames"] / "labelled"),
-             "--metrics", str(metrics), "--per-class", str(per_class), "--params", str(quantized["params"])])
+             "--metrics", str(metrics), "--per-class", str(per_class),
+             "--headline", str(tmp_path / "ev" / "headline.json"), "--params", str(quantized["params"])])
     m = json.loads(metrics.read_text())
     models = {"pytorch", "fp32", "int8", "dynamic", "int8_calib_train", "int8_calib_camera"}
     for split in ("val", "camera"):
@@ -210,6 +218,10 @@ def test_stage_main_writes_metrics_and_csv(quantized: dict[str, Path], tmp_path:
     assert m["val"]["images"] == 8 and m["camera"]["images"] == 6
     assert m["chosen_candidate"] == json.loads(quantized["quantize_metrics"].read_text())["chosen"]
     assert "camera_calibration_gain_on_camera" in m
+    headline = json.loads((tmp_path / "ev" / "headline.json").read_text())  # the DVC metrics: six numbers
+    assert headline == {f"{v}_mAP50-95_{split}": m[split][v]["mAP50-95"] for v in ("fp32", "int8")
+                        for split in ("val", "camera")} | {f"int8_drop_{split}": m[split]["int8"]["drop_vs_fp32"]
+                                                           for split in ("val", "camera")}
     rows = list(csv.DictReader(per_class.open()))
     assert {r["model"] for r in rows} == models and {r["split"] for r in rows} == {"val", "camera"}
 

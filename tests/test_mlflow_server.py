@@ -47,7 +47,8 @@ def _run_data_stage(tmp_path: Path, params: dict[str, Any], env: dict[str, str])
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     # Run from the repository (its git commit is the lineage tag) but write only into tmp_path.
     cmd = [sys.executable, "-m", "pipeline.stages.data", "--out", str(tmp_path / "defects"),
-           "--metrics", str(tmp_path / "metrics.json"), "--params", str(params_path)]
+           "--metrics", str(tmp_path / "metrics.json"), "--headline", str(tmp_path / "headline.json"),
+           "--params", str(params_path)]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=STAGE_TIMEOUT_S)
 
 

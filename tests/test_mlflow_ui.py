@@ -1,9 +1,14 @@
-"""The MLflow UI of a real tracking server, opened in headless Chromium: runs and metrics visible.
+"""The MLflow UI of a real tracking server, opened in headless Chromium, on what the pipeline wrote.
 
-Runs with known metrics are logged to the session's test server; the experiment's runs page and
-one run's page must render them (the UI is a React app, so every check waits, bounded, for text
-to appear). Screenshots go to `test-artifacts/` at the repository root (env TEST_ARTIFACTS_DIR
-overrides), also when a check fails, so a person can see what the browser saw.
+One session fixture runs the real pipeline on tiny params (`dvc repro` in a temp workspace made by
+the reproducibility check's helpers, as tests/test_e2e_repro.py does), logging to the session's
+test server; deploys its INT8 model to the `local` device group with `fab deploy --group local`,
+as `make run` does; and re-runs `dvc repro report`, which folds that device in. The tests then
+open the pipeline experiment's runs page and the compare view of the latest report run's variant
+and device children, and check what the page shows: run names, metric names and values (the UI
+is a React app, so every check waits, bounded, for text to appear). Screenshots go to
+`test-artifacts/` at the repository root (env TEST_ARTIFACTS_DIR overrides), also when a check
+fails, so a person can see what the browser saw.
 
 Chromium and chromedriver come from Debian (`scripts/bootstrap.sh --with-browser`, which
 `make test` runs). Without them the test skips on a developer machine but fails under CI (env
@@ -13,14 +18,22 @@ Chromium and chromedriver come from Debian (`scripts/bootstrap.sh --with-browser
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
 import os
 import shutil
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, NoReturn
 
 import mlflow
 import pytest
-from support import REPO
+import yaml
+from support import REPO, run_checked
+
+from pipeline.tools.repro_check import prepare_workspace, run_env
+from pipeline.tracking.mlflow_runs import DEFAULT_EXPERIMENT, EXPERIMENT_ENV
 
 # The session-scoped `mlflow_server` fixture, shared with test_mlflow_server.py (one server).
 pytest_plugins = ["mlflow_server"]
@@ -28,14 +41,13 @@ pytest_plugins = ["mlflow_server"]
 if TYPE_CHECKING:
     from mlflow_server import MlflowServer
 
+# Slow: the whole tiny pipeline runs once for this module (about 2 minutes on 2 cores).
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
 UI_TIMEOUT_S = 60  # a cold UI load on a busy 2-core machine takes a few seconds; bound a hang
-EXPERIMENT = "ui-check"
-# Distinct values with at most 4 decimals, so each shows verbatim in the runs table.
-RUNS: dict[str, dict[str, float]] = {
-    "fp32-baseline": {"mAP50-95": 0.6414, "latency_ms": 9.97},
-    "int8-qdq": {"mAP50-95": 0.6379, "latency_ms": 6.81},
-    "int8-dynamic": {"mAP50-95": 0.6442, "latency_ms": 13.38},
-}
+# MLflow 3.17 opens an experiment in its GenAI view unless the URL asks for model training (its
+# "GenAI / Model training" switch); the pipeline prints links with this, see stages/report.py.
+RUNS_VIEW = "?workflowType=machine_learning"
 INSTALL_HINT = "run `scripts/bootstrap.sh --with-browser` (apt-get install chromium chromium-driver)"
 
 
@@ -132,32 +144,121 @@ def _show_metric_columns(driver: Any, metrics: list[str]) -> None:
     driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
 
 
-@pytest.mark.server
-def test_ui_shows_runs_and_metrics(browser: Any, mlflow_server: MlflowServer) -> None:
+# Texts of the visible leaf elements to the right of `anchor`, in the same row (its vertical middle),
+# left to right: what a person reads across that row, whatever grid the UI renders it in.
+_ROW_TEXTS_JS = """
+const r = arguments[0].getBoundingClientRect(), cy = (r.top + r.bottom) / 2, out = [];
+for (const el of document.querySelectorAll('body *')) {
+  if (el.children.length) continue;
+  const b = el.getBoundingClientRect(), text = el.textContent.trim();
+  if (text && b.width > 0 && b.top <= cy && cy <= b.bottom && b.left >= r.right - 1) out.push([b.left, text]);
+}
+return out.sort((a, b) => a[0] - b[0]).map(x => x[1]);
+"""
+
+
+def _row_texts(driver: Any, xpath: str) -> list[str]:
+    """The texts shown to the right of the element at `xpath` (waited for), in its row."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    anchor = WebDriverWait(driver, UI_TIMEOUT_S).until(ec.visibility_of_element_located((By.XPATH, xpath)))
+    return list(driver.execute_script(_ROW_TEXTS_JS, anchor))
+
+
+def _shown_as(value: float, shown: str) -> bool:
+    """Whether the UI's text `shown` displays `value` (the compare view rounds to 4 significant digits)."""
+    if shown == "NaN" or math.isnan(value):
+        return shown == "NaN" and math.isnan(value)
+    return math.isclose(float(shown), value, rel_tol=1e-3, abs_tol=1e-9)
+
+
+@dataclass(frozen=True)
+class TinyPipeline:
+    """What the tiny pipeline wrote to the test server: its experiment and workspace."""
+
+    experiment_id: str
+    workspace: Path
+    stages: list[str]  # dvc.yaml's stages: one top-level MLflow run each, plus the report's re-run
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) -> TinyPipeline:
+    """`dvc repro` on tiny params, `fab deploy --group local`, `dvc repro report`, all into the server."""
+    root = tmp_path_factory.mktemp("ui_pipeline")
+    ws = prepare_workspace(REPO, root / "repo", from_head=False)
+    env = {**run_env(ws), "MLFLOW_TRACKING_URI": mlflow_server.uri}
+    env.pop(EXPERIMENT_ENV, None)  # the pipeline's own experiment name, as a user gets it
+    run_checked(["dvc", "repro"], ws, env)
+    # The committed `local` group, pointed at a temp deploy dir and this Python (the workspace has
+    # no .venv), with a short on-device benchmark.
+    inventory = yaml.safe_load((ws / "inventory.yaml").read_text())
+    local = inventory["groups"]["local"]
+    local["defaults"].update(deploy_dir=str(root / "device"), python=sys.executable, bench_warmup=2,
+                             bench_iterations=20)
+    inventory["groups"] = {"local": local}
+    (root / "inventory.yaml").write_text(yaml.safe_dump(inventory, sort_keys=False))
+    run_checked(["fab", "deploy", "--group", "local", "--inventory", str(root / "inventory.yaml")], ws, env)
+    run_checked(["dvc", "repro", "report"], ws, env)  # a new device result: the report runs again
+    exp = mlflow.MlflowClient(mlflow_server.uri).get_experiment_by_name(DEFAULT_EXPERIMENT)
+    assert exp is not None and exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+    return TinyPipeline(exp.experiment_id, ws, list(yaml.safe_load((ws / "dvc.yaml").read_text())["stages"]))
+
+
+def test_ui_shows_the_pipeline_runs_and_their_metrics(browser: Any, tiny_pipeline: TinyPipeline,
+                                                      mlflow_server: MlflowServer) -> None:
     client = mlflow.MlflowClient(mlflow_server.uri)
-    exp_id = client.create_experiment(EXPERIMENT)
-    run_ids: dict[str, str] = {}
-    for name, metrics in RUNS.items():
-        run = client.create_run(exp_id, run_name=name, tags={"stage": "evaluate"})
-        for key, value in metrics.items():
-            client.log_metric(run.info.run_id, key, value)
-        client.set_terminated(run.info.run_id)
-        run_ids[name] = run.info.run_id
+    runs = client.search_runs([tiny_pipeline.experiment_id])
+    top = {r.info.run_name for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    assert top == {*tiny_pipeline.stages, "deploy local"}  # the report twice, under one name
+    metrics = {r.info.run_name: r.data.metrics for r in runs if r.info.run_name in ("data", "export")}
     out = artifacts_dir()
 
-    # workflowType: MLflow 3 opens experiments in its GenAI view unless asked for model training.
-    browser.get(f"{mlflow_server.uri}/#/experiments/{exp_id}/runs?workflowType=machine_learning")
-    runs_shot = out / "mlflow-ui-runs.png"
-    _wait_for_texts(browser, list(RUNS), "runs page", runs_shot)
-    metric_names = list(next(iter(RUNS.values())))
-    _show_metric_columns(browser, metric_names)
-    values = [f"{m[k]:g}" for m in RUNS.values() for k in metric_names]
-    _wait_for_texts(browser, metric_names + values, "runs page metric columns", runs_shot)
-    browser.save_screenshot(str(runs_shot))
+    browser.get(f"{mlflow_server.uri}/#/experiments/{tiny_pipeline.experiment_id}/runs{RUNS_VIEW}")
+    shot = out / "mlflow-ui-runs.png"
+    _wait_for_texts(browser, sorted(top) + [f"{len(runs)} matching runs"], "runs page", shot)
+    _show_metric_columns(browser, ["images_total", "size_mb"])
+    shown = {"images_total": f"{metrics['data']['images_total']:g}", "size_mb": f"{metrics['export']['size_mb']:g}"}
+    _wait_for_texts(browser, list(shown) + list(shown.values()), "runs page metric columns", shot)
+    browser.save_screenshot(str(shot))
+    # Each value in its own run's row: the dataset's size on `data`, the FP32 model's size on `export`.
+    link = "//a[normalize-space()='{}']"
+    assert shown["images_total"] in _row_texts(browser, link.format("data")), _row_texts(browser, link.format("data"))
+    assert shown["size_mb"] in _row_texts(browser, link.format("export")), _row_texts(browser, link.format("export"))
+    assert shown["images_total"] == str(json.loads((tiny_pipeline.workspace / "reports/data/headline.json")
+                                                   .read_text())["images_total"])  # what DVC shows, too
 
-    name = "int8-qdq"
-    browser.get(f"{mlflow_server.uri}/#/experiments/{exp_id}/runs/{run_ids[name]}?workflowType=machine_learning")
-    run_shot = out / "mlflow-ui-run.png"
-    _wait_for_texts(browser, [name, run_ids[name], "mAP50-95", f"{RUNS[name]['mAP50-95']:g}"], "run page", run_shot)
-    browser.save_screenshot(str(run_shot))
-    assert runs_shot.stat().st_size > 0 and run_shot.stat().st_size > 0
+
+def test_ui_compares_the_report_variants_and_the_device(browser: Any, tiny_pipeline: TinyPipeline,
+                                                        mlflow_server: MlflowServer) -> None:
+    client = mlflow.MlflowClient(mlflow_server.uri)
+    (report, *_) = client.search_runs([tiny_pipeline.experiment_id], "tags.stage = 'report'",
+                                      order_by=["attributes.start_time DESC"])
+    children = sorted(client.search_runs([tiny_pipeline.experiment_id],
+                                         f"tags.mlflow.parentRunId = '{report.info.run_id}'"),
+                      key=lambda r: r.info.run_name)
+    names = [c.info.run_name for c in children]
+    assert names == ["device workstation", "variant dynamic", "variant fp32", "variant int8", "variant pytorch"]
+    ids = json.dumps([c.info.run_id for c in children], separators=(",", ":"))
+
+    browser.get(f"{mlflow_server.uri}/#/compare-runs?runs={ids}&experiments=[\"{tiny_pipeline.experiment_id}\"]"
+                f"&{RUNS_VIEW[1:]}")
+    shot = artifacts_dir() / "mlflow-ui-compare.png"
+    _wait_for_texts(browser, [f"Comparing {len(children)} Runs", *names, "p50_ms", "fps", "mAP50-95_val"],
+                    "compare page", shot)
+    from selenium.webdriver.common.by import By
+
+    # The run table below the (empty) plots: its names, then the metric rows, in the screenshot.
+    browser.execute_script("arguments[0].scrollIntoView()",
+                           browser.find_element(By.XPATH, "//*[normalize-space()='Run Name:']"))
+    browser.save_screenshot(str(shot))
+    assert _row_texts(browser, "//*[normalize-space()='Run Name:']") == names  # one column per run, in order
+    # The same metric names on variants and the device: one row each, a value per run (NaN: not measured).
+    for metric in ("p50_ms", "fps", "mAP50-95_val"):
+        row = _row_texts(browser, f"//a[@title='Plot chart' and normalize-space()='{metric}']")
+        logged = [c.data.metrics.get(metric, float("nan")) for c in children]
+        assert len(row) == len(children) and all(_shown_as(v, t) for v, t in zip(logged, row)), (metric, row, logged)
+    # The device column is the on-device benchmark `fab deploy` brought back, not the host benchmark.
+    (result,) = (tiny_pipeline.workspace / "reports/fleet/workstation").glob("*.json")
+    assert children[0].data.metrics["p50_ms"] == json.loads(result.read_text())["latency_ms"]["p50"]

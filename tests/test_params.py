@@ -21,11 +21,11 @@ from pipeline.config.params import (
     QuantizeParams,
     TrainParams,
     build,
-    flatten,
     load_all,
     load_params,
     params_hash,
 )
+from pipeline.tracking.flatten import flatten
 
 SECTIONS = {"base": BaseParams, "data": DataParams, "train": TrainParams, "export": ExportParams}
 
@@ -111,7 +111,7 @@ def test_not_yaml(tmp_path: Path) -> None:
 def test_hash_and_flatten_are_stable() -> None:
     data = load_params("data", DataParams)
     assert params_hash(data) == params_hash(load_params("data", DataParams))
-    flat = flatten(data)
+    flat = flatten(data.model_dump(), lists=False)  # how stage_run names MLflow params
     assert flat["synthetic.image_size"] == data.synthetic.image_size
     other = DataParams(**{**data.__dict__, "val_fraction": 0.2})
     assert params_hash(other) != params_hash(data)

@@ -72,6 +72,16 @@ def test_quantize_tiny_model(tmp_path: Path, tiny_model: dict[str, Path]) -> Non
             onnx_session(path, 1)  # every model loads in ORT
 
 
+def test_stage_headline_is_the_pick_and_the_sizes(quantized: dict[str, Path]) -> None:
+    """quantize.main writes its full record and, as DVC metrics, only the pick and the model sizes."""
+    full = json.loads(quantized["quantize_metrics"].read_text())
+    headline = json.loads(quantized["quantize_headline"].read_text())
+    assert headline == {"chosen": full["chosen"], "fp32_size_mb": round(full["size_fp32_bytes"] / 1e6, 3),
+                        "int8_size_mb": round(quantized["int8"].stat().st_size / 1e6, 3)}
+    assert headline["fp32_size_mb"] == round(quantized["onnx"].stat().st_size / 1e6, 3)
+    assert {"map_drop", "size_ratio", "candidates_passed"} <= set(full)  # the details stay in the record
+
+
 def test_gate_fails_with_every_drop() -> None:
     rows = [CandidateResult("a", "cfg a", 0.40, 0.6, 0.012, 10.0, 1.0, 2.0, 100, False),
             CandidateResult("b", "cfg b", 0.39, 0.6, 0.020, 8.0, 1.0, 2.5, 100, False)]

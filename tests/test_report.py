@@ -98,8 +98,10 @@ def stage_outputs(tmp_path: Path) -> dict[str, Path]:
 
 def _args(o: dict[str, Path]) -> list[str]:
     rep = o["reports"]
-    return ["--quantize-metrics", str(rep / "quantize/metrics.json"), "--candidates", str(rep / "quantize/candidates.csv"),
-            "--evaluate-metrics", str(rep / "evaluate/metrics.json"), "--per-class", str(rep / "evaluate/per_class.csv"),
+    return ["--quantize-metrics", str(rep / "quantize/metrics.json"),
+            "--candidates", str(rep / "quantize/candidates.csv"),
+            "--evaluate-metrics", str(rep / "evaluate/metrics.json"),
+            "--per-class", str(rep / "evaluate/per_class.csv"),
             "--bench-results", str(rep / "benchmark/results.json"),
             "--bench-samples", str(rep / "benchmark/latency_samples.csv"), "--fleet", str(rep / "fleet"),
             "--models", str(o["models"]), "--markdown", str(rep / "report.md"), "--plots", str(rep / "plots"),
@@ -199,13 +201,15 @@ def test_main_writes_outputs_and_mlflow_summary_run(stage_outputs: dict[str, Pat
     # A device result lands (fab deploy): the report regenerates with it.
     int8_sha = sha256_file(stage_outputs["models"] / "yolov8n.int8.onnx")
     (rep / "fleet/jetson1").mkdir()
-    (rep / "fleet/jetson1/20261122T000000Z.json").write_text(json.dumps(_device_doc(int8_sha, 9.0, "2026-11-22T00:00Z")))
+    (rep / "fleet/jetson1/20261122T000000Z.json").write_text(
+        json.dumps(_device_doc(int8_sha, 9.0, "2026-11-22T00:00Z")))
     rp.main(_args(stage_outputs))
     assert "| jetson1 | int8 |" in (rep / "report.md").read_text()
 
     client = mlflow.MlflowClient(tracking_uri())
     exp = client.get_experiment_by_name(experiment_name())
-    summaries = client.search_runs([exp.experiment_id], "tags.stage = 'report'", order_by=["attributes.start_time DESC"])
+    summaries = client.search_runs([exp.experiment_id], "tags.stage = 'report'",
+                                   order_by=["attributes.start_time DESC"])
     assert len(summaries) == 2
     latest = summaries[0]
     assert latest.data.metrics["int8.p50_ms"] == 6.8 and latest.data.metrics["device.jetson1.p50_ms"] == 9.0
@@ -218,3 +222,50 @@ def test_main_writes_outputs_and_mlflow_summary_run(stage_outputs: dict[str, Pat
     for c in children:
         if c.info.run_name != "variant pytorch":
             assert {"p50_ms", "p95_ms", "fps"} <= set(c.data.metrics), c.info.run_name
+
+
+def test_main_ends_with_a_narrow_headline_table(stage_outputs: dict[str, Path], capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run ends with the variants (and devices) table, the report's paths and how to open MLflow;
+    `print_headline` (what `make run` calls last) prints the same from summary.json."""
+    import mlflow
+
+    from edge_runtime.fileio import sha256_file
+    from pipeline.tracking.mlflow_runs import experiment_name
+
+    rep = stage_outputs["reports"]
+    int8_sha = sha256_file(stage_outputs["models"] / "yolov8n.int8.onnx")
+    (rep / "fleet/workstation").mkdir()
+    (rep / "fleet/workstation/20261122T000000Z.json").write_text(
+        json.dumps(_device_doc(int8_sha, 9.0, "2026-11-22T00:00Z")))
+    db = stage_outputs["root"] / "mlflow.db"  # outside the working directory: shown absolute
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    rp.main(_args(stage_outputs))
+    printed = capsys.readouterr().out
+    tail = printed[printed.index("Headline: imgsz 256, INT8 candidate rr_minmax"):].rstrip("\n").splitlines()
+    table = tail[:tail.index("")]  # then the paths, which are this test's long temp paths
+    assert len(table) == 3 + 5 and max(len(line) for line in table) <= 100, table
+    exp = mlflow.MlflowClient(f"sqlite:///{db}").get_experiment_by_name(experiment_name()).experiment_id
+    rows = {line.split("  ")[0]: line.split() for line in tail[3:] if line and "  " in line}
+    assert rows["INT8 ONNX (chosen)"][-7:] == ["0.6360", "0.0040", "0.3160", "0.0040", "6.80", "1.47", "3.30"]
+    assert rows["PyTorch (reference)"][-3:] == ["-", "-", "-"]  # not timed: no latency, no size
+    assert rows["device workstation"][-7:] == ["-", "-", "-", "-", "9.00", "-", "-"]
+    assert tail[-3:] == [f"Report: {rep / 'report.md'} (plots in {rep / 'plots'}/)",
+                         f"MLflow: mlflow ui --backend-store-uri sqlite:///{db}",  # outside the cwd: absolute
+                         f"        then open http://127.0.0.1:5000/#/experiments/{exp}/runs?workflowType=machine_learning"]
+
+    assert rp.print_headline(rep / "report", rep / "report.md", rep / "plots") == 0
+    assert capsys.readouterr().out.splitlines() == tail
+    assert rp.print_headline(rep / "nowhere") == 1
+    assert "no report yet" in capsys.readouterr().err
+
+
+def test_mlflow_ui_lines(tmp_path: Path) -> None:
+    assert rp.mlflow_ui_lines(f"sqlite:///{tmp_path / 'm.db'}", "3", cwd=tmp_path) == [
+        "MLflow: mlflow ui --backend-store-uri sqlite:///m.db",
+        "        then open http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning"]
+    outside = rp.mlflow_ui_lines(f"sqlite:///{tmp_path / 'm.db'}", cwd=tmp_path / "sub")
+    assert outside == [f"MLflow: mlflow ui --backend-store-uri sqlite:///{tmp_path / 'm.db'}",
+                       "        then open http://127.0.0.1:5000"]
+    assert rp.mlflow_ui_lines("https://user:secret@mlflow.example:8443/", "7") == [
+        "MLflow: https://mlflow.example:8443/#/experiments/7/runs?workflowType=machine_learning"]

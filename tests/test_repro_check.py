@@ -41,6 +41,8 @@ CFG_RAW = yaml.safe_load((REPO / "params.yaml").read_text())["repro_check"]
 
 # A pipeline shaped like ours: data -> train; quantize picks by latency; evaluate and benchmark
 # read its model; benchmark is tolerant. Each value: (deps, outputs {path: bytes | dict | folder}).
+# As in dvc.yaml, headline.json files are the DVC metrics and the other JSON files (each stage's
+# full record) are outs.
 Outputs = dict[str, Any]
 
 
@@ -51,10 +53,12 @@ def _pipeline(**changes: Any) -> dict[str, tuple[list[str], Outputs]]:
                       "reports/data/metrics.json": {"images": 2}}),
         "train": (["data/defects"], {"models/w.pt": b"weights", "reports/train/metrics.json": {"mAP50-95": 0.3}}),
         "quantize": (["models/w.pt"], {"models/int8.onnx": b"int8-a", "reports/quantize/candidates.csv": b"a,1.0ms",
-                                       "reports/quantize/metrics.json": quantize_metrics}),
+                                       "reports/quantize/metrics.json": quantize_metrics,
+                                       "reports/quantize/headline.json": {"chosen": "a", "int8_size_mb": 0.001}}),
         "evaluate": (["models/int8.onnx"], {"reports/evaluate/metrics.json": {"val": {"int8": {"mAP50-95": 0.5,
                                                                                                "precision": 0.6}}}}),
         "benchmark": (["models/int8.onnx"], {"reports/benchmark/results.csv": b"p50,1.0",
+                                             "reports/benchmark/headline.json": {"int8_p50_ms": 1.0},
                                              "reports/benchmark/results.json": {
                                                  "results": {"64": {"int8": {"latency_ms": {"p50": 1.0},
                                                                              "fps": 1000.0, "peak_rss_mb": 70.0,
@@ -91,14 +95,16 @@ def _write_out(root: Path, path: str, content: Any) -> str:
 
 
 def make_run(root: Path, stages: dict[str, tuple[list[str], Outputs]]) -> Path:
-    """A finished workspace: outputs on disk, dvc.yaml declaring the .json outputs as metrics, dvc.lock."""
+    """A finished workspace: outputs on disk, dvc.yaml (headline.json files as metrics, every other
+    output an out, other JSON files with `cache: false` as in the real dvc.yaml), dvc.lock."""
     root.mkdir(parents=True)
     dvc_yaml: dict[str, Any] = {"stages": {}}
     lock: dict[str, Any] = {"schema": "2.0", "stages": {}}
     for name, (deps, outs) in stages.items():
-        metrics = [p for p in outs if p.endswith(".json")]
+        metrics = [p for p in outs if p.endswith("headline.json")]
         dvc_yaml["stages"][name] = {"cmd": f"python -m pipeline.{name}", "deps": deps,
-                                    "outs": [p for p in outs if p not in metrics], "metrics": metrics}
+                                    "outs": [{p: {"cache": False}} if p.endswith(".json") else p
+                                             for p in outs if p not in metrics], "metrics": metrics}
         lock["stages"][name] = {
             "cmd": f"python -m pipeline.{name}",
             "deps": [{"path": d, "hash": "md5", "md5": "0" * 32} for d in deps],
@@ -172,6 +178,39 @@ def test_tolerant_stage_ignores_latency_and_checks_the_rest(runs: Callable[..., 
         "results.64.int8.size_bytes: 1000 -> 2000 (diff +1000; tolerance abs 0 rel 0.1)")
 
 
+def test_headline_latency_ignored_full_record_still_compared(runs: Callable[..., tuple[Path, Path]]) -> None:
+    """benchmark's DVC metrics are its headline.json; results.json is an out and still checked."""
+    result = compare_runs(*runs(**{"benchmark:reports/benchmark/headline.json": {"int8_p50_ms": 7.5}}), CFG)
+    assert result.ok, result.render()
+    run1, _ = runs()
+    spec = yaml.safe_load((run1 / "dvc.yaml").read_text())["stages"]["benchmark"]
+    assert spec["metrics"] == ["reports/benchmark/headline.json"]
+    assert {"reports/benchmark/results.json": {"cache": False}} in spec["outs"]
+    record = json.loads((run1 / "reports/benchmark/results.json").read_text())
+    record["results"]["64"]["int8"]["peak_rss_mb"] = 95.0  # ignored (*rss_mb) ...
+    record["results"]["64"]["int8"]["model_sha256"] = "bb"  # ... a string must be equal
+    result = compare_runs(*runs(**{"benchmark:reports/benchmark/results.json": record}), CFG)
+    (diff,) = result.differences
+    assert (diff.stage, diff.path, diff.details) == ("benchmark", "reports/benchmark/results.json",
+                                                     ("results.64.int8.model_sha256: 'aa' -> 'bb'",))
+
+
+def test_real_dvc_yaml_compares_every_json_record() -> None:
+    """In the real dvc.yaml, `metrics:` is only headline.json files; every JSON file a stage declares
+    (its full record: metrics.json, results.json, summary.json) is compared key by key all the same."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    documents = repro_check.compared_documents(REPO)
+    metrics = repro_check.declared_metrics(REPO)
+    for stage, spec in stages.items():
+        declared = {next(iter(e)) if isinstance(e, dict) else e
+                    for key in ("outs", "metrics", "plots") for e in spec.get(key, [])}
+        assert documents[stage] == {p for p in declared if p.endswith(".json")}, stage
+        assert all(Path(m).name == "headline.json" for m in metrics[stage]), (stage, metrics[stage])
+    assert documents["benchmark"] == {"reports/benchmark/results.json", "reports/benchmark/headline.json"}
+    assert documents["report"] == {"reports/report/summary.json"} and not metrics["report"]
+    assert {s for s, m in metrics.items() if m} == {"data", "quantize", "evaluate", "benchmark"}
+
+
 def test_tolerant_output_inside_bit_exact_stage(runs: Callable[..., tuple[Path, Path]]) -> None:
     result = compare_runs(*runs(**{"quantize:reports/quantize/candidates.csv": b"a,1.3ms"}), CFG)
     assert result.ok, result.render()
@@ -186,7 +225,9 @@ def test_same_pick_keeps_downstream_bit_exact(runs: Callable[..., tuple[Path, Pa
 
 def test_different_pick_is_reported_and_compared_within_tolerance(runs: Callable[..., tuple[Path, Path]]) -> None:
     picked_b = {"chosen": "b", "int8_mAP50-95": 0.505, "map_drop": 0.005, "size_int8_bytes": 1020}
+    headline_b = {"chosen": "b", "int8_size_mb": 0.00102}  # the pick is read from here (params: choice)
     run1, run2 = runs(**{"quantize:reports/quantize/metrics.json": picked_b, "quantize:models/int8.onnx": b"int8-b",
+                         "quantize:reports/quantize/headline.json": headline_b,
                          "evaluate:reports/evaluate/metrics.json": {"val": {"int8": {"mAP50-95": 0.51,
                                                                                      "precision": 0.62}}}})
     result = compare_runs(run1, run2, CFG)
@@ -199,6 +240,7 @@ def test_different_pick_is_reported_and_compared_within_tolerance(runs: Callable
 
     too_far = {"val": {"int8": {"mAP50-95": 0.6, "precision": 0.6}}}
     result = compare_runs(*runs(**{"quantize:reports/quantize/metrics.json": picked_b,
+                                   "quantize:reports/quantize/headline.json": headline_b,
                                    "evaluate:reports/evaluate/metrics.json": too_far}), CFG)
     (diff,) = result.differences
     assert diff.stage == "evaluate"
@@ -313,7 +355,8 @@ def test_workspace_is_the_working_tree_with_tiny_params(source: Path, tmp_path: 
     assert (ws1 / "pipeline" / "new.py").is_file() and not (ws1 / "models").exists()
     params = yaml.safe_load((ws1 / "params.yaml").read_text())
     assert params["train"]["epochs"] == 1 and params["repro_check"] == CFG_RAW
-    head = [subprocess.run(["git", "rev-parse", "HEAD"], cwd=w, capture_output=True, text=True).stdout for w in (ws1, ws2)]
+    head = [subprocess.run(["git", "rev-parse", "HEAD"], cwd=w, capture_output=True, text=True).stdout
+            for w in (ws1, ws2)]
     assert head[0] == head[1], "workspace commits must be identical (fixed dates)"
     config = (ws1 / ".dvc" / "config.local").read_text()
     assert str(ws1 / ".dvc" / "cache") in config

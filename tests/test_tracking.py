@@ -60,7 +60,8 @@ def test_lineage_tags_files_folders_and_bad_names(tmp_path: Path) -> None:
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"weights")
     tags = lineage_tags(dataset=data, weights=weights, onnx=tmp_path / "missing.onnx", int8=None)
-    assert tags == {"dataset_sha256": tree_sha256(data, exclude_suffixes=(".cache",)), "weights_sha256": sha256_file(weights)}
+    assert tags == {"dataset_sha256": tree_sha256(data, exclude_suffixes=(".cache",)),
+                    "weights_sha256": sha256_file(weights)}
     (data / "labels" / "train.cache").write_bytes(b"different litter")
     assert lineage_tags(dataset=data)["dataset_sha256"] == tags["dataset_sha256"]
     with pytest.raises(ValueError, match="unknown lineage artifact 'model'"):
@@ -100,3 +101,21 @@ def test_walk_lineage_from_quantize_back_to_data(tmp_path: Path) -> None:
                    "data": data_run.info.run_id, "calibrate": calib_run.info.run_id,
                    "camera": camera_run.info.run_id}
     assert chain[0]["stage"] == "quantize" and all(c["git_commit"] and c["params_hash"] == "" for c in chain)
+
+
+def test_experiment_is_tagged_for_mlflow_3_model_training_view(isolated_env: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow 3 opens an experiment on its training runs only when `mlflow.experimentKind` says so:
+    a new experiment is created with it, and an existing one without it (made by an older version
+    of this code, or by hand) gets it on the next stage run or fleet deploy."""
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    with tracking.stage_run("data"):
+        pass
+    exp = client.get_experiment_by_name(tracking.experiment_name())
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "made-elsewhere")
+    old = client.create_experiment("made-elsewhere")
+    assert "mlflow.experimentKind" not in client.get_experiment(old).tags
+    assert tracking.experiment_id() == old  # what the fleet's MLflow logging calls
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"

@@ -3,6 +3,11 @@
 Stage modules take these as their CLI defaults; `dvc.yaml` declares the same paths as deps and
 outs, and `tests/test_dvc_yaml.py` checks that the two agree, so a stage cannot write a file DVC
 does not know about.
+
+Metrics: each stage's `reports/<stage>/metrics.json` is its full record (per split, per class,
+per candidate...), declared in dvc.yaml as an `outs` entry with `cache: false`; the DVC metrics
+(`dvc metrics show`, `dvc exp show`) are the few `reports/<stage>/headline.json` files, about a
+dozen numbers across the pipeline, so they fit a terminal.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ RUNTIME_DIR = Path("runtime")  # the device runtime distribution (edge-defect-ru
 DATASET_DIR = Path("data/defects")
 DATASET_YAML = DATASET_DIR / "dataset.yaml"
 DATA_METRICS = Path("reports/data/metrics.json")
+DATA_HEADLINE = Path("reports/data/headline.json")  # DVC metrics: images_total
 
 WEIGHTS = Path("models/yolov8n.pt")
 TRAIN_METRICS = Path("reports/train/metrics.json")
@@ -46,14 +52,17 @@ INT8_TRT_MODEL = Path("models/yolov8n.int8.trt.onnx")  # symmetric QDQ for Tenso
 DYNAMIC_MODEL = Path("models/yolov8n.dynamic.onnx")  # dynamic-quantization baseline
 QUANTIZE_CANDIDATES = Path("reports/quantize/candidates.csv")
 QUANTIZE_METRICS = Path("reports/quantize/metrics.json")
+QUANTIZE_HEADLINE = Path("reports/quantize/headline.json")  # DVC metrics: chosen, model sizes
 
 EVALUATE_METRICS = Path("reports/evaluate/metrics.json")  # stage evaluate: per split per model summary
 EVALUATE_PER_CLASS = Path("reports/evaluate/per_class.csv")  # model, split, class, AP50, AP50-95
+EVALUATE_HEADLINE = Path("reports/evaluate/headline.json")  # DVC metrics: FP32/INT8 mAP50-95 and drop per split
 BENCHMARK_RESULTS = Path("reports/benchmark/results.json")  # stage benchmark (host): per imgsz per variant
 BENCHMARK_CSV = Path("reports/benchmark/results.csv")
 BENCHMARK_SAMPLES = Path("reports/benchmark/latency_samples.csv")  # every timed detection (imgsz, variant, ms)
+BENCHMARK_HEADLINE = Path("reports/benchmark/headline.json")  # DVC metrics: FP32/INT8 P50 and speed-up
 
 FLEET_RESULTS_DIR = Path("reports/fleet")  # fab deploy/benchmark: <host>/<utc-stamp>.json (git keeps the README)
 REPORT_MARKDOWN = Path("reports/report.md")  # stage report: the page people read
 REPORT_PLOTS_DIR = Path("reports/plots")  # its PNG figures
-REPORT_TABLES_DIR = Path("reports/report")  # its dvc-plots CSVs + summary.json (DVC metrics)
+REPORT_TABLES_DIR = Path("reports/report")  # its dvc-plots CSVs + summary.json (what `make run` prints)

@@ -17,7 +17,8 @@ the quantize stage's chosen candidate, dynamic = the dynamic-quantization baseli
   number is that model's, not the sum of everything this process loaded.
 
 Outputs: reports/benchmark/results.json (+ results.csv, and latency_samples.csv: every timed
-detection, for the report's latency distribution). Latency numbers differ run to run: this
+detection, for the report's latency distribution) and headline.json (the DVC metrics: FP32 and
+INT8 P50 and the speed-up at the stage models' size). Latency numbers differ run to run: this
 stage is not bit-reproducible (see the README's "Reproducibility").
 """
 
@@ -268,7 +269,8 @@ def benchmark(inputs: BenchmarkInputs, p: BenchmarkParams, q: QuantizeParams, ex
                 detectors[v].backend.close()
             if "fp32" in row:
                 for v in row:
-                    row[v]["speedup_p50_vs_fp32"] = round(row["fp32"]["latency_ms"]["p50"] / row[v]["latency_ms"]["p50"], 3)
+                    fp32_p50 = row["fp32"]["latency_ms"]["p50"]
+                    row[v]["speedup_p50_vs_fp32"] = round(fp32_p50 / row[v]["latency_ms"]["p50"], 3)
                     row[v]["size_vs_fp32"] = round(row[v]["size_bytes"] / row["fp32"]["size_bytes"], 4)
             results[str(imgsz)] = row
             print(f"benchmark: imgsz {imgsz} ({time.monotonic() - t0:.0f}s): " + ", ".join(
@@ -283,7 +285,7 @@ def benchmark(inputs: BenchmarkInputs, p: BenchmarkParams, q: QuantizeParams, ex
         "device": describe_device(probe_tensorrt=False),
         "results": results,
         # Every timed detection in ms: the latency distribution (the report's CDF). main() writes
-        # it to its own CSV and keeps it out of results.json, which DVC shows as metrics.
+        # it to its own CSV and keeps it out of results.json, which the repro check compares key by key.
         "samples_ms": samples,
     }
 
@@ -314,6 +316,19 @@ def samples_csv(samples: dict[str, dict[str, list[float]]]) -> str:
     return buf.getvalue()
 
 
+def headline(doc: dict[str, Any], imgsz: int) -> dict[str, float]:
+    """reports/benchmark/headline.json (DVC metrics): FP32 and INT8 P50 latency (ms) and INT8's P50
+    speed-up over FP32, at `imgsz` (the stage models' own size; the first size measured when
+    `benchmark.imgsz` does not include it). Every other size and statistic stays in results.json.
+    """
+    results = doc["results"]
+    row = results.get(str(imgsz)) or next(iter(results.values()), {})
+    out = {f"{v}_p50_ms": row[v]["latency_ms"]["p50"] for v in ("fp32", "int8") if v in row}
+    if "speedup_p50_vs_fp32" in row.get("int8", {}):
+        out["int8_speedup"] = row["int8"]["speedup_p50_vs_fp32"]
+    return out
+
+
 def mlflow_metrics(doc: dict[str, Any]) -> dict[str, float]:
     """Flat `<variant>_<imgsz>.<metric>` keys for MLflow."""
     out: dict[str, float] = {}
@@ -338,6 +353,7 @@ parse_args = stage_cli(
     results=paths.BENCHMARK_RESULTS,
     csv=paths.BENCHMARK_CSV,
     samples=paths.BENCHMARK_SAMPLES,
+    headline=paths.BENCHMARK_HEADLINE,
 )
 
 
@@ -351,6 +367,7 @@ def main(argv: list[str] | None = None) -> None:
         doc = benchmark(inputs, p, q, export, base)
         atomic_write_text(args.samples, samples_csv(doc.pop("samples_ms")))
         atomic_write_json(args.results, doc)
+        atomic_write_json(args.headline, headline(doc, model_imgsz(args.model)))
         atomic_write_text(args.csv, results_csv(doc))
         log_metrics(mlflow_metrics(doc))
         tags = {f"model_sha256.{v}": r["model_sha256"] for v, r in next(iter(doc["results"].values())).items()}

@@ -82,17 +82,20 @@ parse_args = stage_cli(
     "data", __doc__,
     out=paths.DATASET_DIR,
     metrics=paths.DATA_METRICS,
+    headline=paths.DATA_HEADLINE,
 )
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the stage: build the dataset, write per-class counts as DVC metrics, log to MLflow."""
+    """Run the stage: build the dataset, write per-class counts and its size (DVC metrics), log to MLflow."""
     args = parse_args(argv)
     base, p = stage_params(args, "base", "data")
     with stage_run("data", base, p, tags={"data_source": p.source}):
         result = build_dataset(args.out, p, base)
         metrics = result.summary.as_metrics()
         atomic_write_json(args.metrics, metrics)
+        # DVC metrics: the dataset's size only; the per-split, per-class counts stay in args.metrics.
+        atomic_write_json(args.headline, {"images_total": metrics["images_total"]})
         log_metrics({"images_total": metrics["images_total"], "instances_total": metrics["instances_total"]})
         set_tags(lineage_tags(dataset=args.out))
         for split, per_class in result.summary.instances.items():

@@ -15,7 +15,8 @@ camera stage wrote one; without it (camera.source ingest without labels) that sp
 and the metrics say so.
 
 Outputs: reports/evaluate/metrics.json (per split per model: mAP50-95, mAP50, precision,
-recall, drop vs FP32) and reports/evaluate/per_class.csv (model, split, class, AP50, AP50-95).
+recall, drop vs FP32), reports/evaluate/per_class.csv (model, split, class, AP50, AP50-95) and
+reports/evaluate/headline.json (the DVC metrics: FP32 and INT8 mAP50-95 and the drop per split).
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def chosen_candidate_name(quantize_metrics: Path, int8_model: Path) -> str:
     try:
         chosen = json.loads(quantize_metrics.read_text())["chosen"]
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{quantize_metrics} is unreadable or has no 'chosen' ({e!r}); re-run the quantize stage") from e
+        raise ValueError(f"{quantize_metrics} is unreadable or has no 'chosen' ({e!r}); "
+                         "re-run the quantize stage") from e
     meta = onnx_metadata(int8_model, "quantize")
     if meta.get("quantization_candidate") != chosen:
         raise ValueError(f"{int8_model} was built by candidate {meta.get('quantization_candidate')!r} but "
@@ -252,6 +254,24 @@ def summary(r: EvaluateResult) -> dict[str, Any]:
     return out
 
 
+def headline(r: EvaluateResult) -> dict[str, float]:
+    """reports/evaluate/headline.json (DVC metrics): per split, FP32 and INT8 mAP50-95 and the drop.
+
+    Six numbers (`fp32_mAP50-95_val`, `int8_mAP50-95_val`, `int8_drop_val`, the same for `camera`);
+    a skipped split has none. Everything else (P/R/mAP50, PyTorch, dynamic, the rebuilt
+    calibrations) is in `summary` (reports/evaluate/metrics.json).
+    """
+    out: dict[str, float] = {}
+    for split, models in r.accuracy.items():
+        fp32 = models["fp32"].map50_95
+        out[f"fp32_mAP50-95_{split}"] = round(fp32, 6)
+        if "int8" in models:
+            out[f"int8_mAP50-95_{split}"] = round(models["int8"].map50_95, 6)
+            # as summary's drop_vs_fp32: FP32 minus INT8, from the unrounded values
+            out[f"int8_drop_{split}"] = round(fp32 - models["int8"].map50_95, 6)
+    return out
+
+
 def per_class_csv(r: EvaluateResult) -> str:
     """reports/evaluate/per_class.csv: one row per model, split and class present in the labels."""
     buf = io.StringIO()
@@ -285,6 +305,7 @@ parse_args = stage_cli(
     camera=paths.CAMERA_LABELLED,
     metrics=paths.EVALUATE_METRICS,
     per_class=paths.EVALUATE_PER_CLASS,
+    headline=paths.EVALUATE_HEADLINE,
 )
 
 
@@ -300,6 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     with stage_run("evaluate", base, p, q, tags=tags):
         r = evaluate(inputs, p, q, base)
         atomic_write_json(args.metrics, summary(r))
+        atomic_write_json(args.headline, headline(r))
         atomic_write_text(args.per_class, per_class_csv(r))
         log_metrics(mlflow_metrics(r))
         set_tags({"chosen": r.chosen, **{f"skipped.{k}": v[:250] for k, v in r.skipped.items()}})

@@ -209,7 +209,8 @@ def _camera_split(camera_dir: Path | None, p: QuantizeParams, num_classes: int) 
     """The labelled camera split's images for the gate, or [] and why it is not gated."""
     if not p.camera_gate:
         return [], "quantize.camera_gate is false"
-    items, why = load_camera_split(camera_dir, num_classes, p.eval_images or None) if camera_dir else ([], "no --camera")
+    items, why = (load_camera_split(camera_dir, num_classes, p.eval_images or None) if camera_dir
+                  else ([], "no --camera"))
     if not items:
         why += "; the gate checks the val split only"
         print(f"quantize: {why}", flush=True)
@@ -228,8 +229,8 @@ def accuracy_gate(rows: Sequence[CandidateResult], max_map_drop: float, fp32_map
     """
     passed = [r for r in rows if r.worst_drop <= max_map_drop]
     if not passed:
-        drops = ", ".join(f"{r.name} {r.drop:+.4f}" + (f" (camera {r.drop_camera:+.4f})" if r.drop_camera is not None else "")
-                          for r in rows)
+        drops = ", ".join(f"{r.name} {r.drop:+.4f}"
+                          + (f" (camera {r.drop_camera:+.4f})" if r.drop_camera is not None else "") for r in rows)
         raise AccuracyGateError(
             f"no INT8 candidate kept mAP50-95 within quantize.max_map_drop={max_map_drop} of FP32 ({fp32_map:.4f}); "
             f"drops: {drops}\n{table}{gate_verdict(rows, max_map_drop)}Relax max_map_drop, add candidates "
@@ -303,7 +304,20 @@ parse_args = stage_cli(
     dynamic=paths.DYNAMIC_MODEL,
     candidates=paths.QUANTIZE_CANDIDATES,
     metrics=paths.QUANTIZE_METRICS,
+    headline=paths.QUANTIZE_HEADLINE,
 )
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """reports/quantize/headline.json (DVC metrics) from the stage's full metrics document: the
+    chosen candidate and the FP32 and INT8 file sizes in MB.
+
+    Accuracy is left to evaluate's headline (the same splits, every model); `chosen` must stay:
+    params.yaml `repro_check.choice` reads the pick from this file.
+    """
+    return {"chosen": metrics["chosen"],
+            "fp32_size_mb": round(metrics["size_fp32_bytes"] / 1e6, 3),
+            "int8_size_mb": round(metrics["size_int8_bytes"] / 1e6, 3)}
 
 
 def _weights_tag(onnx_path: Path) -> dict[str, str]:
@@ -345,9 +359,10 @@ def main(argv: list[str] | None = None) -> None:
             "candidates_passed": sum(row.passed for row in r.rows),
             "candidates": len(r.rows),
         }
-        # Latency is noisy by nature: it goes to MLflow and the CSV, not to the DVC metrics file
+        # Latency is noisy by nature: it goes to MLflow and the CSV, not to the metrics files
         # (which must be reproducible), except as the chosen config's name.
         atomic_write_json(args.metrics, metrics)
+        atomic_write_json(args.headline, headline(metrics))
         log_metrics({k: v for k, v in metrics.items() if not isinstance(v, str)})
         log_metrics({"speedup": r.chosen.speedup, "int8_latency_ms": r.chosen.latency_ms,
                      "fp32_latency_ms": r.fp32_latency_ms})

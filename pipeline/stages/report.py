@@ -8,7 +8,8 @@ reports/fleet/<host>/, and writes:
   device), the latency distribution per variant, per-class AP FP32 vs INT8, and the thermal
   timeline of soak benchmarks;
 - reports/report/*.csv: the same data, declared as `dvc plots` (so `dvc plots show|diff` work),
-  and reports/report/summary.json, the headline numbers as DVC metrics;
+  and reports/report/summary.json, the headline numbers per variant and device, which the end of
+  the run (and of `make run`, `print_headline`) prints as a table;
 - one MLflow summary run (stage `report`) with the headline metrics side by side, plus one nested
   run per variant and per device carrying the SAME metric names (mAP50-95_val, p50_ms, p95_ms,
   fps, size_mb...), so selecting them in the MLflow compare view answers "which variant wins".
@@ -35,7 +36,7 @@ from pipeline.config import paths
 from pipeline.config.params import QuantizeParams, ReportParams
 from pipeline.config.stage_cli import stage_cli, stage_params
 from pipeline.fleet.results import bench_metrics
-from pipeline.tracking.mlflow_runs import lineage_tags, log_artifact, log_metrics, set_tags, stage_run
+from pipeline.tracking.mlflow_runs import lineage_tags, log_artifact, log_metrics, set_tags, stage_run, tracking_uri
 
 VARIANTS = ("fp32", "int8", "dynamic")  # the ONNX variants the benchmark stage measures
 VARIANT_LABELS = {"pytorch": "PyTorch (reference)", "fp32": "FP32 ONNX", "int8": "INT8 ONNX (chosen)",
@@ -390,7 +391,8 @@ def render_markdown(r: Report, p: ReportParams, q: QuantizeParams, plots_rel: st
     if win:
         lines += [f"**Winner: {win['label']}** — the fastest variant within the accuracy gate "
                   f"(mAP50-95 drop ≤ {q.max_map_drop} on {p.split}): P50 {_fmt(win.get('p50_ms'), 2)} ms at imgsz "
-                  f"{r.imgsz}, {_fmt(win.get('speedup_p50'), 2)}x FP32, mAP50-95 {_fmt(win.get(f'mAP50-95_{p.split}'))} "
+                  f"{r.imgsz}, {_fmt(win.get('speedup_p50'), 2)}x FP32, "
+                  f"mAP50-95 {_fmt(win.get(f'mAP50-95_{p.split}'))} "
                   f"(drop {_fmt(win.get(f'drop_{p.split}'))}), {_fmt(win.get('size_mb'), 2)} MB.", ""]
     else:
         lines += [f"**No variant passes the accuracy gate** (drop ≤ {q.max_map_drop} on {p.split}).", ""]
@@ -427,11 +429,12 @@ def render_markdown(r: Report, p: ReportParams, q: QuantizeParams, plots_rel: st
         lines.append(f"| {c} | {_fmt(fp32.get(c))} | {_fmt(int8.get(c))} | {delta:+.4f} |")
     lines += ["", f"![per-class AP]({plots_rel}/per_class_ap.png)", "",
               "## Quantization candidates (accuracy-gated, fastest passing wins)", "",
-              "| candidate | mAP50-95 | drop (95% interval) | camera mAP50-95 | camera drop (95% interval) | latency ms "
-              "| speed-up | size MB | passed |", "|---|---|---|---|---|---|---|---|---|"]
+              "| candidate | mAP50-95 | drop (95% interval) | camera mAP50-95 | camera drop (95% interval) "
+              "| latency ms | speed-up | size MB | passed |", "|---|---|---|---|---|---|---|---|---|"]
     for c in r.candidates:
         lines.append(f"| {c['name']} | {c['mAP50-95']} | {_drop(c, 'drop')} | {c.get('mAP50-95_camera') or '-'} | "
-                     f"{_drop(c, 'drop_camera')} | {c['latency_ms']} | {c['speedup']} | {c['size_mb']} | {c['passed']} |")
+                     f"{_drop(c, 'drop_camera')} | {c['latency_ms']} | {c['speedup']} | {c['size_mb']} | "
+                     f"{c['passed']} |")
     lines += ["", "## Models", "", "| model | sha256 |", "|---|---|"]
     lines += [f"| {name} | `{sha[:16]}` |" for name, sha in sorted(r.model_shas.items())]
     lines += ["", "Walk any MLflow run back to its data with `python -m pipeline.tools.lineage RUN_ID`.", ""]
@@ -472,6 +475,101 @@ def log_summary_run(r: Report, md_path: Path, plots: Mapping[str, Path]) -> None
             log_metrics({k: d[k] for k in ("p50_ms", "p95_ms", "fps", "peak_rss_mb", "temp_max_c", "throttled",
                                            "preprocess_p50_ms", "infer_p50_ms", "postprocess_p50_ms")
                          if _finite(d.get(k))})
+
+
+# The terminal table's columns: summary key suffix, header, decimals. Short headers keep a row of
+# the longest label (24) plus every column under 100 characters.
+_HEADLINE_COLUMNS = (("mAP50-95_val", "val mAP", 4), ("drop_val", "drop", 4), ("mAP50-95_camera", "cam mAP", 4),
+                     ("drop_camera", "drop", 4), ("p50_ms", "P50 ms", 2), ("speedup_p50", "x FP32", 2),
+                     ("size_mb", "MB", 2))
+_LABEL_WIDTH = 24
+# MLflow 3.17's UI opens an experiment in its GenAI view unless the URL (or the user's "GenAI / Model
+# training" switch) says otherwise; the experiment's `mlflow.experimentKind` tag is what 3.4 reads.
+_RUNS_VIEW = "/#/experiments/{}/runs?workflowType=machine_learning"
+
+
+def mlflow_ui_lines(uri: str, experiment_id: str | None = None, cwd: Path | None = None) -> list[str]:
+    """Where a person looks at the runs: for a SQLite store the `mlflow ui` command (the path relative
+    to `cwd` when it is inside it) and the page to open, for a tracking server its page; the page is
+    the experiment's training runs when `experiment_id` is known."""
+    from urllib.parse import urlsplit
+
+    page = _RUNS_VIEW.format(experiment_id) if experiment_id else ""
+    if uri.startswith(("http://", "https://")):
+        parts = urlsplit(uri)  # the netloc without user:password: never print credentials
+        return [f"MLflow: {parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}{parts.path.rstrip('/')}{page}"]
+    shown = uri
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        here = (cwd or Path.cwd()).resolve()
+        try:
+            shown = f"sqlite:///{(here / db).resolve().relative_to(here).as_posix()}"
+        except ValueError:  # outside the current folder: keep it absolute
+            pass
+    return [f"MLflow: mlflow ui --backend-store-uri {shown}", f"        then open http://127.0.0.1:5000{page}"]
+
+
+def headline_table(summary: Mapping[str, Any]) -> str:
+    """summary.json as a plain-text table for a terminal (under 100 columns): one row per variant
+    (accuracy on val and the camera split, P50, speed-up, size) and one per device (its P50)."""
+    variants = [v for v in ("pytorch",) + VARIANTS if any(str(k).startswith(f"{v}.") for k in summary)]
+    hosts = sorted({str(k)[len("device."):].rsplit(".", 1)[0] for k in summary if str(k).startswith("device.")})
+    rows: list[list[str]] = []
+    for label, prefix in [(VARIANT_LABELS[v], v) for v in variants] + [(f"device {h}", f"device.{h}") for h in hosts]:
+        cells = [label[:_LABEL_WIDTH]]
+        for key, _, digits in _HEADLINE_COLUMNS:
+            x = summary.get(f"{prefix}.{key}")
+            cells.append(f"{x:.{digits}f}" if _finite(x) else "-")
+        rows.append(cells)
+    header = ["variant"] + [h for _, h, _ in _HEADLINE_COLUMNS]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join([cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])])
+
+    title = f"Headline: imgsz {summary.get('imgsz', '?')}, INT8 candidate {summary.get('chosen_candidate') or '?'}"
+    legend = "(mAP = mAP50-95; drop = FP32 minus the variant; cam = the labelled camera split)"
+    return "\n".join([title, legend, line(header), *(line(r) for r in rows)])
+
+
+def headline_text(summary: Mapping[str, Any], markdown: Path, plots: Path, mlflow_uri: str,
+                  experiment_id: str | None = None) -> str:
+    """What the end of a run prints: the headline table, then where the report, plots and MLflow are."""
+    return "\n".join([headline_table(summary), "", f"Report: {markdown.as_posix()} (plots in {plots.as_posix()}/)",
+                      *mlflow_ui_lines(mlflow_uri, experiment_id)])
+
+
+def _pipeline_experiment_id(uri: str) -> str | None:
+    """The pipeline experiment's id in the store at `uri`; None when there is no store (a SQLite
+    file is never created just to look), no such experiment, or the server does not answer."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        return None
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking.mlflow_runs import TrackingServerUnreachable, check_server_reachable, experiment_name
+
+    try:
+        check_server_reachable(uri, timeout_s=2.0)  # not MLflow's minutes of retries against a closed port
+        exp = mlflow.MlflowClient(uri).get_experiment_by_name(experiment_name())
+    except (TrackingServerUnreachable, MlflowException):
+        return None
+    return exp.experiment_id if exp is not None else None
+
+
+def print_headline(tables: Path = paths.REPORT_TABLES_DIR, markdown: Path = paths.REPORT_MARKDOWN,
+                   plots: Path = paths.REPORT_PLOTS_DIR) -> int:
+    """Print the last report's headline (its summary.json) and where to look next; the exit status
+    for `make run`, which calls it last: 1 when no report has been written yet."""
+    import sys
+
+    path = tables / "summary.json"
+    if not path.is_file():
+        print(f"no report yet ({path} is missing): run `make run` or `dvc repro`", file=sys.stderr)
+        return 1
+    uri = tracking_uri()
+    print(headline_text(read_json(path, "report"), markdown, plots, uri, _pipeline_experiment_id(uri)), flush=True)
+    return 0
 
 
 def _source_run_tags(int8_sha: str) -> dict[str, str]:
@@ -526,6 +624,10 @@ def main(argv: list[str] | None = None) -> None:
         atomic_write_text(args.markdown, render_markdown(r, p, q, plots_rel))
         log_summary_run(r, args.markdown, plot_files)
         print(f"report: winner {r.winner or 'none'}; {len(r.devices)} device(s); -> {args.markdown}", flush=True)
+        import mlflow  # the summary run is active: its experiment is the one to open
+
+        experiment = mlflow.active_run().info.experiment_id
+        print(headline_text(r.summary, args.markdown, args.plots, tracking_uri(), experiment), flush=True)
 
 
 if __name__ == "__main__":

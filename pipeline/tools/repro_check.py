@@ -16,10 +16,11 @@ What "the same" means comes from the `repro_check` section of params.yaml:
 
 - a stage not listed anywhere there is **bit-exact**: every output hash in dvc.lock must match;
   a difference is shown with both hashes, the files that differ inside a folder, and for a
-  metrics file the keys that moved;
-- `tolerant_stages` produce measurements (latency, memory): their declared metrics files are
-  compared key by key within `tolerances` (keys matching `ignore_metrics` are skipped), their
-  other outputs are not compared;
+  metrics file (or a JSON out) the keys that moved;
+- `tolerant_stages` produce measurements (latency, memory): their JSON documents, the declared
+  metrics files and the JSON outs beside them (dvc.yaml keeps `metrics:` to the headline numbers
+  and declares each stage's full record as an out), are compared key by key within `tolerances`
+  (keys matching `ignore_metrics` are skipped); their other outputs are not compared;
 - `tolerant_outputs` are single measurement files inside otherwise bit-exact stages;
 - `choice` names a stage that picks by measured latency and the metrics key holding its pick.
   When both runs picked the same, that stage and every stage downstream of it are held to the
@@ -167,14 +168,36 @@ def output_hashes(stage_lock: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-def declared_metrics(workspace: Path) -> dict[str, set[str]]:
-    """stage -> the metrics files dvc.yaml declares for it (string or `{path: {...}}` entries)."""
+def _declared(workspace: Path, *sections: str) -> dict[str, set[str]]:
+    """stage -> the paths dvc.yaml declares under `sections` (string or `{path: {...}}` entries)."""
     path = workspace / "dvc.yaml"
     if not path.is_file():
         raise ReproCheckError(f"{path}: no dvc.yaml in the workspace")
     stages = (yaml.safe_load(path.read_text()) or {}).get("stages", {})
-    return {name: {next(iter(m)) if isinstance(m, dict) else str(m) for m in spec.get("metrics", [])}
+    return {name: {next(iter(e)) if isinstance(e, dict) else str(e) for s in sections for e in spec.get(s) or []}
             for name, spec in stages.items()}
+
+
+def declared_metrics(workspace: Path) -> dict[str, set[str]]:
+    """stage -> the metrics files dvc.yaml declares for it."""
+    return _declared(workspace, "metrics")
+
+
+_DOCUMENT_SUFFIXES = (".json", ".yaml", ".yml")  # what load_metrics reads
+
+
+def compared_documents(workspace: Path) -> dict[str, set[str]]:
+    """stage -> the files compared key by key: its declared metrics, and the JSON/YAML files among
+    its outs and plots.
+
+    dvc.yaml keeps `metrics:` to the headline numbers (so `dvc metrics show` fits a terminal) and
+    declares each stage's full record (reports/benchmark/results.json, reports/<stage>/metrics.json)
+    as an out. Both are held to the same rules here: where a number is declared does not decide
+    whether it is checked.
+    """
+    docs = _declared(workspace, "outs", "plots")
+    return {stage: files | {p for p in docs.get(stage, set()) if p.endswith(_DOCUMENT_SUFFIXES)}
+            for stage, files in declared_metrics(workspace).items()}
 
 
 def _under(path: str, folder: str) -> bool:
@@ -288,6 +311,7 @@ def compare_runs(run1: Path, run2: Path, cfg: ReproCheckParams) -> CheckResult:
     """Compare the dvc.lock outputs of two workspaces that ran the same pipeline (see module doc)."""
     lock1, lock2 = read_lock(run1), read_lock(run2)
     metrics_files = declared_metrics(run1)
+    documents = compared_documents(run1)
     result = CheckResult()
     unknown = sorted(set(cfg.tolerant_stages) - set(metrics_files))
     if unknown:  # a typo here makes that stage bit-exact, which fails loudly: a note is enough
@@ -317,12 +341,12 @@ def compare_runs(run1: Path, run2: Path, cfg: ReproCheckParams) -> CheckResult:
                                                  ("the stage is in one dvc.lock only",)))
             continue
         tolerant = stage in cfg.tolerant_stages or stage in choice_differs
-        result.modes[stage] = ("tolerant (pick differed)" if stage in choice_differs and stage not in cfg.tolerant_stages
-                               else "tolerant" if tolerant else "bit-exact")
+        picked_apart = stage in choice_differs and stage not in cfg.tolerant_stages
+        result.modes[stage] = "tolerant (pick differed)" if picked_apart else "tolerant" if tolerant else "bit-exact"
         outs1, outs2 = output_hashes(lock1[stage]), output_hashes(lock2[stage])
         for path in sorted(set(outs1) | set(outs2)):
             h1, h2 = outs1.get(path, "(absent)"), outs2.get(path, "(absent)")
-            is_metrics = path in metrics_files.get(stage, set()) or path == cfg.choice.metrics
+            is_metrics = path in documents.get(stage, set()) or path == cfg.choice.metrics
             if not (tolerant or path in cfg.tolerant_outputs):
                 if h1 != h2:
                     result.differences.append(Difference(stage, path, h1, h2, _explain(run1, run2, path, h1,
@@ -330,7 +354,7 @@ def compare_runs(run1: Path, run2: Path, cfg: ReproCheckParams) -> CheckResult:
                 continue
             if h1 == h2:
                 continue
-            if not is_metrics:  # a measurement file that is not a metrics file is not compared (README)
+            if not is_metrics:  # a measurement file that is not a JSON/YAML document is not compared (README)
                 if stage in choice_differs and stage not in cfg.tolerant_stages and path not in cfg.tolerant_outputs:
                     result.notes.append(f"{stage}: {path} differs (expected with a different pick)")
                 continue

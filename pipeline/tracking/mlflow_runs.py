@@ -16,12 +16,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from pipeline.config.params import flatten, params_hash
+from pipeline.config.params import params_hash
 from pipeline.config.paths import repo_root
+from pipeline.tracking.flatten import flatten
 
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 DEFAULT_EXPERIMENT = "edge-defect-detection"
 PIPELINE_RUN_ENV = "PIPELINE_RUN_ID"  # optional: groups the stage runs of one `dvc repro`
+# The experiment's type for MLflow 3's UI: a model-training experiment (runs, metrics), not a GenAI
+# one (traces, evaluations). MLflow 3.4's UI picks an experiment's tabs from this tag (untagged, it
+# guesses and may ask the user to choose). 3.17's UI goes by its global "GenAI / Model training"
+# switch instead (URL `?workflowType=machine_learning`, which the link the report stage prints
+# carries); the tag still records what the experiment is.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 # Lineage: every stage run tags the sha256 of what it consumed and produced as `<name>_sha256`
 # (a file's sha256, a folder's tree hash). The same value on two runs links them: the run of the
@@ -189,19 +197,24 @@ def check_server_reachable(uri: str, timeout_s: float = 5.0) -> None:
 
 
 def _setup(mlflow: Any) -> str:
-    """Point mlflow at the tracking URI and experiment; return the experiment id."""
+    """Point mlflow at the tracking URI and experiment (created if missing, tagged as a model-training
+    experiment: EXPERIMENT_KIND_TAG); return the experiment id."""
     uri = tracking_uri()
     check_server_reachable(uri)
     mlflow.set_tracking_uri(uri)
     name = experiment_name()
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
+        # An experiment made before the kind was tagged (or retagged in the UI) gets it back.
+        if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            mlflow.MlflowClient(uri).set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     artifact_location = None
     if uri.startswith("sqlite:///"):
         # Keep artifacts beside the database instead of in whatever folder the stage runs from.
         artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-    return mlflow.create_experiment(name, artifact_location=artifact_location)
+    return mlflow.create_experiment(name, artifact_location=artifact_location,
+                                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 def experiment_id() -> str:
@@ -235,8 +248,9 @@ def stage_run(stage: str, *sections: Any, tags: Mapping[str, str] | None = None)
     with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=all_tags) as run:
         params: dict[str, Any] = {}
         for section in sections:
-            prefix = f"{type(section).__name__.removesuffix('Params').lower()}."
-            params.update(flatten(section, prefix))
+            prefix = type(section).__name__.removesuffix("Params").lower()
+            # Lists stay one param each (MLflow names allow no brackets), as they always have.
+            params.update(flatten(section.model_dump(), prefix, lists=False))
         if params:
             mlflow.log_params({k: _param_value(v) for k, v in params.items()})
         yield run
