@@ -766,7 +766,7 @@ def _message(exc: ValidationError, model: type[BaseModel], source: str, prefix: 
     for p in problems(exc, model, prefix):
         section = model is ParamsFile and len(p.loc) == 1
         if p.kind == "missing":
-            text = (f"missing section '{p.key}'; add it (see the README for its keys)" if section
+            text = (f"missing section '{p.key}'; add it (docs/stages.md lists its keys)" if section
                     else f"missing key '{p.key}'; add it to the file")
         elif p.kind == "unknown":
             text = (f"unknown section '{p.key}'; valid sections are {_names(p.valid)}" if section

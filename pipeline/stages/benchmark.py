@@ -19,7 +19,7 @@ the quantize stage's chosen candidate, dynamic = the dynamic-quantization baseli
 Outputs: reports/benchmark/results.json (+ results.csv, and latency_samples.csv: every timed
 detection, for the report's latency distribution) and headline.json (the DVC metrics: FP32 and
 INT8 P50 and the speed-up at the stage models' size). Latency numbers differ run to run: this
-stage is not bit-reproducible (see the README's "Reproducibility").
+stage is not bit-reproducible (docs/reproducibility.md).
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ reports/fleet/<host>/, and writes:
   run per variant and per device carrying the SAME metric names (mAP50-95_val, p50_ms, p95_ms,
   fps, size_mb...), so selecting them in the MLflow compare view answers "which variant wins".
 
-Latency figures are measurements, so this stage is not bit-reproducible (README, "How
-reproducibility is checked").
+Latency figures are measurements, so this stage is not bit-reproducible
+(docs/reproducibility.md).
 """
 
 from __future__ import annotations
