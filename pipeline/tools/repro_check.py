@@ -354,7 +354,8 @@ def compare_runs(run1: Path, run2: Path, cfg: ReproCheckParams) -> CheckResult:
                 continue
             if h1 == h2:
                 continue
-            if not is_metrics:  # a measurement file that is not a JSON/YAML document is not compared (docs/reproducibility.md)
+            # A measurement file that is not a JSON/YAML document is not compared (docs/reproducibility.md).
+            if not is_metrics:
                 if stage in choice_differs and stage not in cfg.tolerant_stages and path not in cfg.tolerant_outputs:
                     result.notes.append(f"{stage}: {path} differs (expected with a different pick)")
                 continue
