@@ -4,7 +4,7 @@ SHELL := /bin/bash
 export YOLO_OFFLINE := 1
 VENV := .venv/bin
 
-.PHONY: run test test-fast lint bootstrap repro deploy-local report repro-check
+.PHONY: run test test-fast lint bootstrap repro deploy-local report repro-check experiments
 
 bootstrap:
 	scripts/bootstrap.sh
@@ -15,11 +15,11 @@ bootstrap:
 run: bootstrap repro deploy-local report
 
 ## The report with the latest device results folded in; ends with its headline table and where the
-## report, its plots and the MLflow UI are (printed again here: DVC's lock-file notes follow the
-## stage's own output, and an up-to-date stage prints nothing). `dvc metrics show` has the dozen
-## headline numbers too.
+## report, its plots and the MLflow UI are. The stage's own output is not shown here (it would print
+## the table a second time, and an up-to-date stage prints nothing); errors still reach stderr.
+## `dvc metrics show` has the dozen headline numbers too.
 report:
-	source $(VENV)/activate && dvc repro report
+	source $(VENV)/activate && dvc repro --quiet report >/dev/null
 	@source $(VENV)/activate && python -c 'import sys; from pipeline.stages.report import print_headline; sys.exit(print_headline())'
 
 repro:
@@ -50,3 +50,8 @@ test-fast: bootstrap
 ## REPRO_CHECK_ARGS passes options, e.g. `make repro-check REPRO_CHECK_ARGS="--stages data --from-head"`.
 repro-check: bootstrap
 	source $(VENV)/activate && python -m pipeline.tools.repro_check $(REPRO_CHECK_ARGS)
+
+## DVC experiments side by side, narrow enough for a terminal: only the params and metrics that
+## differ between them (dependency hashes dropped). `dvc exp run -S train.epochs=30` makes one.
+experiments: bootstrap
+	source $(VENV)/activate && dvc exp show --only-changed --drop '/' --no-pager
