@@ -30,9 +30,18 @@ pytestmark = pytest.mark.slow
 
 
 def _python38() -> str | None:
-    """A Python 3.8 interpreter on this machine (PATH or pyenv), or None."""
-    pyenv = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.8*/bin/python")))
-    return shutil.which("python3.8") or (pyenv[0] if pyenv else None)
+    """A working Python 3.8 interpreter on this machine (pyenv or PATH), or None.
+
+    Each candidate is run once: a pyenv shim is on PATH even where no 3.8 is installed.
+    """
+    candidates = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.8*/bin/python3.8")))
+    candidates += [p for p in (shutil.which("python3.8"),) if p]
+    for candidate in candidates:
+        probe = subprocess.run([candidate, "-c", "import sys, venv; print(sys.version_info[:2] == (3, 8))"],
+                               capture_output=True, text=True)
+        if probe.returncode == 0 and probe.stdout.strip() == "True":
+            return candidate
+    return None
 
 
 @pytest.fixture(scope="module", params=["this-python", "python3.8"])
