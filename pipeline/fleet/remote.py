@@ -10,6 +10,7 @@ Every command is built from `shlex.quote`d words: inventory values cannot become
 
 from __future__ import annotations
 
+import functools
 import json
 import shlex
 from dataclasses import dataclass
@@ -20,8 +21,10 @@ from edge_runtime import deploy_ops
 from pipeline.fleet.inventory import Host
 
 
+@functools.lru_cache(maxsize=1)
 def helper_source() -> str:
-    """The source of `edge_runtime.deploy_ops`, sent as the argument of `python -c`.
+    """The source of `edge_runtime.deploy_ops`, sent as the argument of `python -c` (read once per
+    process: a fleet command runs it on every host, several times each).
 
     Sent, not imported on the device: `probe` runs before the runtime is there.
     """
