@@ -105,7 +105,8 @@ def test_walk_lineage_from_quantize_back_to_data(tmp_path: Path) -> None:
 
 def test_experiment_is_tagged_for_mlflow_3_model_training_view(isolated_env: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """MLflow 3 opens an experiment on its training runs only when `mlflow.experimentKind` says so:
+    """MLflow 3.4's UI opens an experiment on its training runs when `mlflow.experimentKind` says so
+    (3.17.2 goes by a URL parameter instead, docs/results-at-the-terminal.md):
     a new experiment is created with it, and an existing one without it (made by an older version
     of this code, or by hand) gets it on the next stage run or fleet deploy."""
     client = mlflow.MlflowClient(tracking.tracking_uri())
