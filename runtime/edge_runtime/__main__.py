@@ -1,4 +1,4 @@
-"""The device CLI: ``python -m edge_runtime info | bench | run | build-engine | health``.
+"""The device CLI: ``python -m edge_runtime info | bench | run | serve | build-engine | health``.
 
 This is a contract with the fleet code (pipeline/fleet): it runs with cwd = the runtime's source
 tree on the device (``<deploy_dir>/runtime/<sha12>/``, holding ``edge_runtime/``), or from an
@@ -15,6 +15,9 @@ installed ``edge-defect-runtime``.
         [--soak-minutes M]               benchmark JSON written atomically to FILE, one-line
                                          summary on stdout
   run --release DIR --source SPEC [...]  the real-time loop; JSON summary on stdout at the end
+  serve --deploy-dir D [...]             the detector as a service on <D>/current with
+                                         <D>/service/service.json: /healthz, /metrics, live
+                                         view, JSONL/MQTT/frame sample; exit 0 on SIGTERM
 
 Every command takes ``--variant NAME``. Exit 2 = usage or environment error, with one line on
 stderr naming the problem and the fix (no traceback).
@@ -23,10 +26,12 @@ stderr naming the problem and the fix (no traceback).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -34,17 +39,19 @@ from . import latency as bench_mod
 from .backends import TensorRTUnavailable, ensure_engine, gpu_name, import_tensorrt
 from .detector import ReleaseError, default_engines_dir, load_detector, resolve_release, select_variant
 from .fileio import atomic_write_json
-from .manifest import ManifestError, load_manifest, verify_files
+from .manifest import Manifest, ManifestError, load_manifest, verify_files
 from .postprocess import check_output, postprocess_one
-from .realtime import (
-    DrawHandler,
-    JsonLinesHandler,
-    RealtimeLoop,
-    ThermalGovernor,
-    load_actuator,
-    open_source,
-    summary_line,
+from .realtime import DrawHandler, JsonLinesHandler, RealtimeLoop, load_actuator, open_source, summary_line
+from .service import (
+    Service,
+    config_path,
+    format_summary,
+    install_signal_handlers,
+    open_detectors,
+    release_of,
+    resolve_outputs,
 )
+from .service_config import load_service_config
 from .sysinfo import describe_device
 from .thermal import ThermalReader
 
@@ -176,53 +183,64 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _loop_handlers(args: argparse.Namespace, manifest: Manifest, stack: ExitStack) -> List[Any]:
+    """`run`'s result handlers: JSONL (stdout or a file), the drawn frame, the actuator hook."""
+    handlers: List[Any] = []
+    if args.jsonl == "-":
+        handlers.append(JsonLinesHandler(sys.stdout, manifest.class_names))
+    elif args.jsonl:
+        handlers.append(JsonLinesHandler(stack.enter_context(open(args.jsonl, "a", encoding="utf-8")),
+                                         manifest.class_names))
+    if args.draw:
+        handlers.append(DrawHandler(Path(args.draw), manifest.class_names))
+    if args.actuator:
+        handlers.append(load_actuator(args.actuator))
+    return handlers
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """`run`: the real-time loop over --source; JSON summary on stdout at the end."""
     release_dir = resolve_release(args.release)
     manifest = load_manifest(release_dir)
-    start = select_variant(manifest, args.variant)
-    engines = _engines_dir(release_dir, args.engines)
-    adaptive = (not args.no_adaptive) and manifest.thermal is not None and len(manifest.variants) > 1
-    wanted = list(manifest.variants) if adaptive else [start]
     source = open_source(args.source, args.fps, args.max_frames)
-    detectors = {}
-    try:
-        for v in wanted:  # all variants loaded up front: a thermal switch must not stall the loop
-            detectors[v.name] = load_detector(release_dir, manifest, v, engines)
-        governor = None
-        if adaptive:
-            reader = ThermalReader(args.thermal_root)
-            governor = ThermalGovernor([v.name for v in manifest.variants], manifest.thermal.throttle_c,
-                                       manifest.thermal.resume_c, reader.cpu_temperature,
-                                       check_interval_s=args.check_interval, min_dwell_s=args.min_dwell)
-            governor.level = [v.name for v in manifest.variants].index(start.name)
-        handlers = []
-        jsonl = None
-        if args.jsonl == "-":
-            handlers.append(JsonLinesHandler(sys.stdout, manifest.class_names))
-        elif args.jsonl:
-            jsonl = open(args.jsonl, "a", encoding="utf-8")
-            handlers.append(JsonLinesHandler(jsonl, manifest.class_names))
-        if args.draw:
-            handlers.append(DrawHandler(Path(args.draw), manifest.class_names))
-        if args.actuator:
-            handlers.append(load_actuator(args.actuator))
-        loop = RealtimeLoop(detectors, source, handlers, governor, start.name, max_seconds=args.seconds)
-        try:
-            summary = loop.run()
-        finally:
-            if jsonl is not None:
-                jsonl.close()
-    finally:
-        source.close()
+    with ExitStack() as stack:
+        stack.callback(source.close)
+        detectors, governor, start = open_detectors(release_dir, manifest, args.variant,
+                                                    _engines_dir(release_dir, args.engines), not args.no_adaptive,
+                                                    args.thermal_root, args.check_interval, args.min_dwell)
         for d in detectors.values():
-            d.backend.close()
+            stack.callback(d.backend.close)
+        loop = RealtimeLoop(detectors, source, _loop_handlers(args, manifest, stack), governor, start.name,
+                            max_seconds=args.seconds, class_names=manifest.class_names)
+        summary = loop.run()
     summary.update(release=manifest.release, backend=manifest.backend, precision=manifest.precision,
-                   adaptive=adaptive)
+                   adaptive=governor is not None)
     if args.summary:
         atomic_write_json(args.summary, summary)
     sys.stderr.write(summary_line(summary) + "\n")
     print(json.dumps({"summary": summary}, sort_keys=True))
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`serve`: the detector as a service (HTTP, publishers, frame sample) until SIGTERM."""
+    deploy_dir = Path(args.deploy_dir).resolve() if args.deploy_dir else None
+    release_dir = release_of(deploy_dir, args.release)
+    config = load_service_config(config_path(deploy_dir, args.config))
+    if args.http_port is not None:
+        config = dataclasses.replace(config, http_port=args.http_port)
+    engines = Path(args.engines) if args.engines else default_engines_dir(release_dir)
+    service = Service(release_dir, config, resolve_outputs(deploy_dir, args.out_dir), engines, args.thermal_root,
+                      max_seconds=args.seconds, max_frames=args.max_frames, adaptive=not args.no_adaptive)
+    install_signal_handlers(service)
+    host, port = service.start_http()
+    sys.stderr.write(f"serve: release {service.manifest.release} on {config.source}; "
+                     f"http://{host}:{port}/ (healthz, metrics)\n")
+    sys.stderr.flush()
+    summary = service.run()
+    sys.stderr.write(format_summary(summary) + "\n")
+    if args.summary:
+        atomic_write_json(args.summary, summary)
     return EXIT_OK
 
 
@@ -276,6 +294,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--min-dwell", type=float, default=5.0, help="minimum seconds between thermal switches")
     sp.add_argument("--summary", help="also write the run summary JSON to this file")
     sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("serve", help="run the detector as a service: HTTP health/metrics/live view, publishers")
+    sp.add_argument("--deploy-dir", help="the deploy folder: serves <deploy-dir>/current with "
+                                         "<deploy-dir>/service/service.json")
+    sp.add_argument("--release", help="release folder (default <deploy-dir>/current)")
+    sp.add_argument("--config", help="service.json (default <deploy-dir>/service/service.json)")
+    sp.add_argument("--out-dir", help="where detections.jsonl goes (default <deploy-dir>/service)")
+    sp.add_argument("--engines", help="TensorRT engine cache (default <deploy_dir>/engines)")
+    sp.add_argument("--variant", help=argparse.SUPPRESS)  # service.json's `variant` decides
+    sp.add_argument("--http-port", type=int, help="override service.json's http_port (0 = any free port)")
+    sp.add_argument("--seconds", type=float, help="stop after this many seconds (tests, soaks)")
+    sp.add_argument("--max-frames", type=int, help="stop after this many captured frames")
+    sp.add_argument("--no-adaptive", action="store_true", help="no thermal switching")
+    sp.add_argument("--summary", help="write the summary JSON here when the service stops")
+    sp.add_argument("--thermal-root", default="/", help=argparse.SUPPRESS)
+    sp.set_defaults(func=cmd_serve)
     return p
 
 

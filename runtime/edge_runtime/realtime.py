@@ -33,7 +33,7 @@ import numpy as np
 
 from .detector import Detector, StageTimes
 from .fileio import atomic_write_bytes
-from .latency import percentiles
+from .metrics import DEFAULT_WINDOW, Histogram, RateMeter, RollingWindow
 from .postprocess import Detections
 
 log = logging.getLogger("edge_runtime.realtime")
@@ -243,9 +243,17 @@ class ImageFolderSource(FrameSource):
 
 
 class CaptureSource(FrameSource):
-    """A camera index or a video file through OpenCV's VideoCapture."""
+    """A camera index or a video file through OpenCV's VideoCapture.
 
-    def __init__(self, spec: "int | str", fps: Optional[float] = None, max_frames: Optional[int] = None) -> None:
+    A file ends at its last frame. A camera that stops delivering (unplugged, a driver hiccup)
+    does not end the stream when `reconnect` is on (the service): the source reopens it with
+    a backoff of up to `max_backoff_s`, and meanwhile delivers nothing, which is exactly what
+    the service's `/healthz` reports as a stalled camera.
+    """
+
+    def __init__(self, spec: "int | str", fps: Optional[float] = None, max_frames: Optional[int] = None,
+                 reconnect: bool = False, max_backoff_s: float = 5.0) -> None:
+        self.spec = spec
         self.cap = cv2.VideoCapture(spec)
         if not self.cap.isOpened():
             what = f"camera {spec}" if isinstance(spec, int) else f"video {spec}"
@@ -253,6 +261,10 @@ class CaptureSource(FrameSource):
         # Cameras pace themselves; a file is paced only when asked, else it is read as fast as possible.
         self._pacer = _Pacer(fps if not isinstance(spec, int) else None)
         self.max_frames = max_frames
+        self.reconnect = reconnect and isinstance(spec, int)
+        self.max_backoff_s = max_backoff_s
+        self.reconnects = 0
+        self._interrupted = threading.Event()
         self.index = 0
         self.description = f"camera:{spec}" if isinstance(spec, int) else f"video:{spec}"
 
@@ -260,23 +272,38 @@ class CaptureSource(FrameSource):
         """A file waits for its --fps schedule; a camera paces itself inside read()."""
         self._pacer.wait()
 
+    def interrupt(self) -> None:
+        """Stop waiting for a camera to come back (shutdown)."""
+        self._interrupted.set()
+
     def read(self) -> Optional[np.ndarray]:
-        """Next frame, None at the end of the file / when the camera stops."""
+        """Next frame, None at the end of the file / when the camera stops (and is not reconnected)."""
         if self.max_frames is not None and self.index >= self.max_frames:
             return None
-        ok, frame = self.cap.read()
-        if not ok:
-            return None
-        self.index += 1
-        return frame
+        backoff = 0.25
+        while True:
+            ok, frame = self.cap.read()
+            if ok:
+                self.index += 1
+                return frame
+            if not self.reconnect or self._interrupted.is_set():
+                return None
+            log.warning("camera %s delivered no frame; reopening in %.2f s", self.spec, backoff)
+            if self._interrupted.wait(backoff):
+                return None
+            backoff = min(backoff * 2, self.max_backoff_s)
+            self.cap.release()
+            self.cap = cv2.VideoCapture(self.spec)
+            self.reconnects += 1
 
     def close(self) -> None:
         """Release the capture device."""
         self.cap.release()
 
 
-def open_source(spec: str, fps: Optional[float] = None, max_frames: Optional[int] = None) -> FrameSource:
-    """`synthetic[:WxH]` | camera index (`0`) | folder of images | video file."""
+def open_source(spec: str, fps: Optional[float] = None, max_frames: Optional[int] = None,
+                reconnect: bool = False) -> FrameSource:
+    """`synthetic[:WxH]` | camera index (`0`) | folder of images | video file (`reconnect`: cameras only)."""
     if spec == "synthetic" or spec.startswith("synthetic:"):
         w, h = 640, 480
         if ":" in spec:
@@ -286,7 +313,7 @@ def open_source(spec: str, fps: Optional[float] = None, max_frames: Optional[int
                 raise SourceError(f"source '{spec}': write synthetic:WIDTHxHEIGHT, e.g. synthetic:640x480") from e
         return SyntheticSource(w, h, fps if fps is not None else 30.0, max_frames)
     if spec.isdigit():
-        return CaptureSource(int(spec), fps, max_frames)
+        return CaptureSource(int(spec), fps, max_frames, reconnect=reconnect)
     path = Path(spec)
     if path.is_dir():
         return ImageFolderSource(path, fps, max_frames)
@@ -309,7 +336,9 @@ class ThermalGovernor:
     min_dwell_s: float = 5.0
     clock: Callable[[], float] = time.monotonic
     level: int = 0
-    switches: List[Dict[str, Any]] = field(default_factory=list)
+    # The latest switches only: a device that oscillates for months must not grow a list.
+    switches: Deque[Dict[str, Any]] = field(default_factory=lambda: deque(maxlen=256))
+    switch_count: int = 0
     last_temp: Optional[float] = None
     _last_check: Optional[float] = None
     _last_switch: Optional[float] = None
@@ -352,6 +381,7 @@ class ThermalGovernor:
         self.level = new
         self._last_switch = now
         self.switches.append(switch)
+        self.switch_count += 1
         log.warning("thermal switch %s -> %s (%s)", switch["from"], switch["to"], reason)
         return switch
 
@@ -402,6 +432,17 @@ class JsonLinesHandler:
         self.stream.flush()
 
 
+def annotate(image: np.ndarray, detections: Detections, class_names: Optional[Sequence[str]] = None) -> np.ndarray:
+    """A copy of `image` with each detection's box and `name score` drawn on it."""
+    img = image.copy()
+    for box, score, cls in zip(detections.boxes.astype(int), detections.scores, detections.classes):
+        cv2.rectangle(img, (int(box[0]), int(box[1])), (int(box[2]), int(box[3])), (0, 0, 255), 2)
+        name = class_names[cls] if class_names and cls < len(class_names) else str(cls)
+        cv2.putText(img, f"{name} {score:.2f}", (int(box[0]), max(int(box[1]) - 3, 10)),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 255), 1)
+    return img
+
+
 class DrawHandler:
     """Keeps one JPEG updated (atomically) with the latest frame and its boxes, for a dashboard.
 
@@ -413,13 +454,7 @@ class DrawHandler:
         self.class_names = class_names
 
     def __call__(self, r: Result) -> None:
-        img = r.frame.image.copy()
-        for box, score, cls in zip(r.detections.boxes.astype(int), r.detections.scores, r.detections.classes):
-            cv2.rectangle(img, (int(box[0]), int(box[1])), (int(box[2]), int(box[3])), (0, 0, 255), 2)
-            name = self.class_names[cls] if self.class_names and cls < len(self.class_names) else str(cls)
-            cv2.putText(img, f"{name} {score:.2f}", (int(box[0]), max(int(box[1]) - 3, 10)),
-                        cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 255), 1)
-        ok, buf = cv2.imencode(".jpg", img)
+        ok, buf = cv2.imencode(".jpg", annotate(r.frame.image, r.detections, self.class_names))
         if ok:
             atomic_write_bytes(self.path, buf.tobytes())
 
@@ -438,14 +473,70 @@ def load_actuator(spec: str) -> Handler:
     return target
 
 
+SERIES = ("capture", "to_infer_done", "to_handled", "age", "end_to_end", "preprocess", "infer", "postprocess")
+# The three slices a frame passes through, as /metrics exposes them (histograms).
+SLICES = {"capture": "capture", "infer": "to_infer_done", "handle": "to_handled"}
+
+
+class LoopStats:
+    """Everything the loop measures, in bounded memory: rolling windows, histograms, counters.
+
+    One per loop; written by the handler thread, read by the summary and the service's HTTP
+    thread (a read racing a write sees a sample more or less, never a torn structure).
+    """
+
+    def __init__(self, window: int = DEFAULT_WINDOW, class_names: Optional[Sequence[str]] = None) -> None:
+        self.windows = {k: RollingWindow(window) for k in SERIES}
+        self.histograms = {name: Histogram() for name in SLICES}
+        self.fps = RateMeter()
+        self.class_names = list(class_names or [])
+        self.detections_by_class: Dict[str, int] = {}
+        self.handled = 0
+        self.handler_errors = 0
+        self.last_error = ""
+        self.t_first_ready: Optional[float] = None
+        self.t_last_ready: Optional[float] = None
+        self.last_result: Optional[Result] = None  # the live view's frame: one frame, replaced each time
+
+    def observe(self, r: Result, t_handled: float) -> None:
+        """Account one handled frame."""
+        f = r.frame
+        values = {"capture": f.t_ready - f.t_grab, "to_infer_done": r.t_infer_done - f.t_ready,
+                  "to_handled": t_handled - r.t_infer_done, "age": r.age_s, "end_to_end": t_handled - f.t_ready,
+                  "preprocess": r.stages.preprocess, "infer": r.stages.infer, "postprocess": r.stages.postprocess}
+        for k, v in values.items():
+            self.windows[k].add(v)
+        for name, key in SLICES.items():
+            self.histograms[name].observe(values[key])
+        for cls in r.detections.classes.tolist():
+            name = self.class_names[cls] if 0 <= cls < len(self.class_names) else str(cls)
+            self.detections_by_class[name] = self.detections_by_class.get(name, 0) + 1
+        if self.t_first_ready is None:
+            self.t_first_ready = f.t_ready
+        self.t_last_ready = f.t_ready
+        self.handled += 1
+        self.fps.mark()
+        self.last_result = r
+
+
 class RealtimeLoop:
-    """Three threads joined by size-one slots (or, for comparison, unbounded queues)."""
+    """Three threads joined by size-one slots (or, for comparison, unbounded queues).
+
+    Memory is bounded however long it runs: per-frame timings go into `LoopStats` (rolling
+    windows of `window` samples and fixed histograms), never into a list kept until the end.
+    `handler_errors="count"` (the service) counts and logs a failing handler instead of stopping
+    the loop; the default, `"raise"`, stops it and re-raises from `run()`.
+    """
 
     def __init__(self, detectors: Dict[str, Detector], source: FrameSource, handlers: Sequence[Handler] = (),
                  governor: Optional[ThermalGovernor] = None, start_variant: Optional[str] = None,
-                 slot_factory: Callable[[], Any] = LatestSlot, max_seconds: Optional[float] = None) -> None:
+                 slot_factory: Callable[[], Any] = LatestSlot, max_seconds: Optional[float] = None,
+                 window: int = DEFAULT_WINDOW, class_names: Optional[Sequence[str]] = None,
+                 handler_errors: str = "raise") -> None:
         if not detectors:
             raise ValueError("the real-time loop needs at least one loaded variant")
+        if handler_errors not in ("raise", "count"):
+            raise ValueError(f"handler_errors must be 'raise' or 'count', not {handler_errors!r}")
         self.detectors = detectors
         self.source = source
         self.handlers = list(handlers)
@@ -460,16 +551,28 @@ class RealtimeLoop:
         self.frames: Any = slot_factory()
         self.results: Any = slot_factory()
         self.max_seconds = max_seconds
+        self.handler_errors = handler_errors
         self.stop_event = threading.Event()
-        self.records: List[Dict[str, float]] = []
+        self.stats = LoopStats(window, class_names)
         self.variant_counts: Dict[str, int] = {}
         self.errors: List[BaseException] = []
         self.captured = 0
         self.inferred = 0
+        self.last_capture_t: Optional[float] = None  # perf_counter of the last frame the source delivered
+        self.last_infer_t: Optional[float] = None  # perf_counter of the last finished inference
+        self._last_handler_log = 0.0
+
+    @property
+    def variant(self) -> str:
+        """The variant inference uses now."""
+        return self.governor.current if self.governor is not None else self.fixed_variant
 
     def stop(self) -> None:
-        """Ask all threads to finish (Ctrl-C, a time limit, a test)."""
+        """Ask all threads to finish (Ctrl-C, SIGTERM, a time limit, a test)."""
         self.stop_event.set()
+        interrupt = getattr(self.source, "interrupt", None)
+        if interrupt is not None:
+            interrupt()  # a camera waiting to reconnect must not hold the shutdown
         self.frames.close()
 
     def _guard(self, fn: Callable[[], None]) -> Callable[[], None]:
@@ -490,7 +593,9 @@ class RealtimeLoop:
                 image = self.source.read()
                 if image is None:
                     break
-                self.frames.put(Frame(self.captured, image, t_grab, time.perf_counter()))
+                t_ready = time.perf_counter()
+                self.frames.put(Frame(self.captured, image, t_grab, t_ready))
+                self.last_capture_t = t_ready
                 self.captured += 1
         finally:
             self.frames.close()
@@ -507,28 +612,36 @@ class RealtimeLoop:
                     self.governor.update()
                     name = self.governor.current
                 detections, stages = self.detectors[name].detect(frame.image)
-                self.results.put(Result(frame, detections, name, t0, time.perf_counter(), stages))
+                t_done = time.perf_counter()
+                self.results.put(Result(frame, detections, name, t0, t_done, stages))
+                self.last_infer_t = t_done
                 self.inferred += 1
                 self.variant_counts[name] = self.variant_counts.get(name, 0) + 1
         finally:
             self.frames.discard()
             self.results.close()
 
+    def _run_handlers(self, r: Result) -> None:
+        for h in self.handlers:
+            try:
+                h(r)
+            except Exception as e:  # noqa: BLE001 - policy decided by handler_errors
+                if self.handler_errors == "raise":
+                    raise
+                self.stats.handler_errors += 1
+                self.stats.last_error = f"{getattr(h, '__name__', type(h).__name__)}: {e}"
+                now = time.monotonic()
+                if now - self._last_handler_log > 60.0:  # a failing hook at 30 FPS must not flood the log
+                    self._last_handler_log = now
+                    log.warning("result handler failed (%s); counting further failures", self.stats.last_error)
+
     def _handle(self) -> None:
         while True:
             r = self.results.get()
             if r is None:
                 break
-            for h in self.handlers:
-                h(r)
-            t_handled = time.perf_counter()
-            f = r.frame
-            self.records.append({
-                "capture": f.t_ready - f.t_grab, "to_infer_done": r.t_infer_done - f.t_ready,
-                "to_handled": t_handled - r.t_infer_done, "age": r.age_s, "end_to_end": t_handled - f.t_ready,
-                "preprocess": r.stages.preprocess, "infer": r.stages.infer, "postprocess": r.stages.postprocess,
-                "t_ready": f.t_ready,
-            })
+            self._run_handlers(r)
+            self.stats.observe(r, time.perf_counter())
 
     def run(self) -> Dict[str, Any]:
         """Run until the source ends, `max_seconds` pass or `stop()`; return the summary."""
@@ -553,29 +666,29 @@ class RealtimeLoop:
         return self.summary(duration)
 
     def summary(self, duration: float) -> Dict[str, Any]:
-        """Counts, FPS, the three slices and frame age (percentiles, ms), variant use, switches."""
-        recs = self.records
-
-        def col(k: str) -> List[float]:
-            return [r[k] for r in recs]
-
-        ages = col("age")
+        """Counts, FPS, the three slices and frame age (percentiles over the last `window` frames,
+        ms), variant use, switches."""
+        w = self.stats.windows
+        handled = self.stats.handled
         return {
             "source": self.source.description,
             "duration_s": round(duration, 3),
             "frames_captured": self.captured,
             "frames_inferred": self.inferred,
-            "frames_handled": len(recs),
+            "frames_handled": handled,
             "frames_dropped": int(self.frames.dropped),
             "results_dropped": int(self.results.dropped),
+            "handler_errors": self.stats.handler_errors,
             "capture_fps": round(self.captured / duration, 2) if duration > 0 else None,
-            "fps": round(len(recs) / duration, 2) if duration > 0 else None,
-            "frame_age_ms": {**percentiles(ages)},
-            "slices_ms": {"capture_to_ready": percentiles(col("capture")),
-                          "ready_to_inference_done": percentiles(col("to_infer_done")),
-                          "inference_to_handled": percentiles(col("to_handled")),
-                          "end_to_end": percentiles(col("end_to_end"))},
-            "stages_ms": {k: percentiles(col(k)) for k in ("preprocess", "infer", "postprocess")},
+            "fps": round(handled / duration, 2) if duration > 0 else None,
+            "percentile_window_frames": min(handled, w["age"].values().shape[0]) if handled else 0,
+            "frame_age_ms": w["age"].percentiles_ms(),
+            "slices_ms": {"capture_to_ready": w["capture"].percentiles_ms(),
+                          "ready_to_inference_done": w["to_infer_done"].percentiles_ms(),
+                          "inference_to_handled": w["to_handled"].percentiles_ms(),
+                          "end_to_end": w["end_to_end"].percentiles_ms()},
+            "stages_ms": {k: w[k].percentiles_ms() for k in ("preprocess", "infer", "postprocess")},
+            "detections_by_class": dict(self.stats.detections_by_class),
             "variant_frames": dict(self.variant_counts),
             "thermal_switches": list(self.governor.switches) if self.governor else [],
             "max_queue_depth": getattr(self.frames, "max_depth", 1),
