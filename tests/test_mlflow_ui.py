@@ -17,26 +17,24 @@ Chromium and chromedriver come from Debian (`scripts/bootstrap.sh --with-browser
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import pytest
 import yaml
+from browser import UI_TIMEOUT_S, artifacts_dir
 from support import REPO, run_checked
 
 from pipeline.tools.repro_check import prepare_workspace, run_env
 from pipeline.tracking.mlflow_runs import DEFAULT_EXPERIMENT, EXPERIMENT_ENV
 
-# The session-scoped `mlflow_server` fixture, shared with test_mlflow_server.py (one server).
-pytest_plugins = ["mlflow_server"]
+# The session-scoped `mlflow_server` fixture, shared with test_mlflow_server.py (one server), and `browser`.
+pytest_plugins = ["mlflow_server", "browser"]
 
 if TYPE_CHECKING:
     from mlflow_server import MlflowServer
@@ -44,68 +42,9 @@ if TYPE_CHECKING:
 # Slow: the whole tiny pipeline runs once for this module (about 2 minutes on 2 cores).
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-UI_TIMEOUT_S = 60  # a cold UI load on a busy 2-core machine takes a few seconds; bound a hang
 # MLflow 3.17 opens an experiment in its GenAI view unless the URL asks for model training (its
 # "GenAI / Model training" switch); the pipeline prints links with this, see stages/report.py.
 RUNS_VIEW = "?workflowType=machine_learning"
-INSTALL_HINT = "run `scripts/bootstrap.sh --with-browser` (apt-get install chromium chromium-driver)"
-
-
-def artifacts_dir() -> Path:
-    """Where test artifacts (screenshots) go: $TEST_ARTIFACTS_DIR or <repo>/test-artifacts."""
-    out = Path(os.environ.get("TEST_ARTIFACTS_DIR") or REPO / "test-artifacts")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def _skip_or_fail(reason: str) -> NoReturn:
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason}; CI installs it through bootstrap, so this is a bug in the setup ({INSTALL_HINT})")
-    pytest.skip(f"{reason}; {INSTALL_HINT}")
-
-
-def _find_browser() -> tuple[str, str]:
-    """Paths of the system Chromium and its matching chromedriver (skip/fail if absent)."""
-    if importlib.util.find_spec("selenium") is None:
-        _skip_or_fail("the selenium package is not installed (pip install -e '.[test]')")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not chromium or not driver:
-        _skip_or_fail(f"headless Chromium not found (chromium: {chromium}, chromedriver: {driver})")
-    return chromium, driver
-
-
-@pytest.fixture(scope="session")
-def browser() -> Iterator[Any]:
-    """A headless Chromium session driven by selenium through Debian's chromedriver.
-
-    Session-scoped so that a test listing it before `mlflow_server` skips (or fails) before a
-    server is started for nothing: pytest sets up same-scope fixtures in argument order.
-    """
-    chromium, driver_path = _find_browser()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    options = Options()
-    options.binary_location = chromium
-    # --no-sandbox: CI runs as root, where Chromium refuses to start sandboxed.
-    # --disable-dev-shm-usage: containers often have a 64 MB /dev/shm, too small for renderers.
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1920,1000"):
-        options.add_argument(arg)
-    # Passing the driver path explicitly keeps Selenium Manager from trying to download one.
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
-    driver.set_page_load_timeout(UI_TIMEOUT_S)
-    # The MLflow Assistant side panel opens on first visit and covers a third of the page;
-    # closing it up front (before the app's scripts run) keeps the screenshots readable.
-    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {
-        "source": "try { localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"
-                  " localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true'); } catch (e) {}"})
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def _wait_for_texts(driver: Any, texts: list[str], page: str, shot: Path) -> None:
