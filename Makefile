@@ -36,7 +36,7 @@ lint: bootstrap
 
 ## Every test, including the slow end-to-end `dvc repro` and the real-sshd fleet tests; lint first.
 test:
-	scripts/bootstrap.sh --with-sshd --with-browser
+	scripts/bootstrap.sh --with-sshd --with-browser --with-mqtt
 	$(MAKE) --no-print-directory lint
 	source $(VENV)/activate && python -m pytest
 
