@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
 # Create .venv and install the project with everything the pipeline and the tests need.
 # Idempotent: re-runs are quick when pyproject.toml has not changed (stamp file in .venv).
-# Usage: scripts/bootstrap.sh [--with-sshd] [--with-browser]
+# Usage: scripts/bootstrap.sh [--with-sshd] [--with-browser] [--with-mqtt]
 #   --with-sshd     also installs the OpenSSH server the fleet tests start as simulated devices
 #   --with-browser  also installs Debian's Chromium + chromedriver, which the MLflow UI test drives
 #                   headless (a browser download by Playwright/Selenium cannot work offline)
+#   --with-mqtt     also installs Debian's mosquitto, the MQTT broker the runtime's MQTT publisher tests start
 # System packages are installed only when missing (apt-get as root, else via sudo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 WITH_SSHD=0
 WITH_BROWSER=0
+WITH_MQTT=0
 for arg in "$@"; do
   case "$arg" in
     --with-sshd) WITH_SSHD=1 ;;
     --with-browser) WITH_BROWSER=1 ;;
-    *) echo "bootstrap: unknown option '$arg' (options: --with-sshd, --with-browser)" >&2; exit 2 ;;
+    --with-mqtt) WITH_MQTT=1 ;;
+    *) echo "bootstrap: unknown option '$arg' (options: --with-sshd, --with-browser, --with-mqtt)" >&2; exit 2 ;;
   esac
 done
 
@@ -34,6 +37,10 @@ fi
 if [[ $WITH_BROWSER -eq 1 ]] && { ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; }; then
   echo "bootstrap: will install chromium + chromium-driver (the MLflow UI test drives headless Chromium)"
   apt_packages+=(chromium chromium-driver)
+fi
+if [[ $WITH_MQTT -eq 1 ]] && ! command -v mosquitto >/dev/null 2>&1 && [[ ! -x /usr/sbin/mosquitto ]]; then
+  echo "bootstrap: will install mosquitto (the MQTT publisher tests run a real broker on 127.0.0.1)"
+  apt_packages+=(mosquitto)
 fi
 if [[ ${#apt_packages[@]} -gt 0 ]]; then
   if [[ $(id -u) -eq 0 ]]; then SUDO=""; else SUDO="sudo"; fi
