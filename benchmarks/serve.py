@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +35,9 @@ from typing import Any, Dict, List, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the test suite's mosquitto launcher
+
+from mqtt_broker import Broker, free_port, mosquitto_binary  # noqa: E402
 
 from edge_runtime.manifest import load_manifest  # noqa: E402
 from edge_runtime.realtime import RealtimeLoop, SyntheticSource  # noqa: E402
@@ -45,13 +46,6 @@ from edge_runtime.service import Service, open_detectors  # noqa: E402
 from edge_runtime.service_config import config_from_json  # noqa: E402
 
 FRAME_W, FRAME_H = 640, 480
-
-
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def find_release(arg: Optional[str], work: Path) -> Path:
@@ -77,45 +71,24 @@ def load_onnx_imgsz(model: Path) -> int:
     return int(shape[-1])
 
 
-class Broker:
-    """A real mosquitto on loopback for the run (None-like when mosquitto is not installed)."""
-
-    def __init__(self, work: Path) -> None:
-        self.port = free_port()
-        self.proc: Optional[subprocess.Popen] = None
-        exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
-        if exe is None:
-            print("mosquitto not installed (scripts/bootstrap.sh --with-mqtt): MQTT publishing is off", flush=True)
-            return
-        conf = work / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-        self.proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise SystemExit("mosquitto did not start listening")
-
-    @property
-    def host(self) -> str:
-        """The broker address for service.json ("" = MQTT off)."""
-        return "127.0.0.1" if self.proc is not None else ""
-
-    def stop(self) -> None:
-        """Terminate the broker."""
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
+def start_broker(work: Path) -> Optional[Broker]:
+    """A real mosquitto on loopback for the run (tests/mqtt_broker.py), or None when not installed."""
+    binary = mosquitto_binary()
+    if binary is None:
+        print("mosquitto not installed (scripts/bootstrap.sh --with-mqtt): MQTT publishing is off", flush=True)
+        return None
+    (work / "broker").mkdir()
+    broker = Broker(binary, work / "broker", free_port())
+    broker.start()
+    return broker
 
 
-def service_doc(work: Path, port: int, broker: Broker, fps: Optional[float]) -> Dict[str, Any]:
+def service_doc(work: Path, port: int, broker: Optional[Broker], fps: Optional[float]) -> Dict[str, Any]:
     """service.json for the benchmark: every publisher on."""
     return {"device": "bench", "source": f"synthetic:{FRAME_W}x{FRAME_H}", "fps": fps, "http_bind": "127.0.0.1",
-            "http_port": port, "stall_s": 10.0, "jsonl_max_mb": 5.0, "jsonl_backups": 2, "mqtt_host": broker.host,
-            "mqtt_port": broker.port, "mqtt_topic": "", "mqtt_queue": 1000, "frames_dir": str(work / "frames"),
+            "http_port": port, "stall_s": 10.0, "jsonl_max_mb": 5.0, "jsonl_backups": 2,
+            "mqtt_host": "127.0.0.1" if broker else "", "mqtt_port": broker.port if broker else 1883,
+            "mqtt_topic": "", "mqtt_queue": 1000, "frames_dir": str(work / "frames"),
             "frames_every_s": 1.0, "frames_band": [0.25, 0.5], "frames_max_files": 200, "frames_max_mb": 50.0,
             "actuator": "", "variant": None}
 
@@ -184,7 +157,8 @@ def bare_fps(release: Path, seconds: float, camera_fps: float) -> float:
             d.backend.close()
 
 
-def service_fps(release: Path, seconds: float, camera_fps: float, work: Path, broker: Broker) -> Dict[str, Any]:
+def service_fps(release: Path, seconds: float, camera_fps: float, work: Path,
+                broker: Optional[Broker]) -> Dict[str, Any]:
     """The full service (publishers, HTTP, scrapers) on the same camera."""
     port = free_port()
     cfg = config_from_json(service_doc(work, port, broker, camera_fps))
@@ -208,7 +182,7 @@ def rss_kb(pid: int) -> Optional[int]:
     return None
 
 
-def soak(release: Path, minutes: float, work: Path, broker: Broker) -> Dict[str, Any]:
+def soak(release: Path, minutes: float, work: Path, broker: Optional[Broker]) -> Dict[str, Any]:
     """`serve` as a process at 30 FPS for `minutes`; RSS every 10 s."""
     deploy = work / "deploy"
     (deploy / "service").mkdir(parents=True)
@@ -256,10 +230,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         work = Path(tmp)
         release = find_release(args.release, work)
-        broker = Broker(work)
+        broker = start_broker(work)
         try:
             result: Dict[str, Any] = {"release": load_manifest(release).release, "cpu_flags": cpu_flags(),
-                                      "cores": os.cpu_count(), "mqtt": bool(broker.host)}
+                                      "cores": os.cpu_count(), "mqtt": broker is not None}
             bare, served = [], []
             camera_fps = 0.0
             if args.rounds > 0:
@@ -287,7 +261,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"soak: RSS {s['rss_mb_at_1_min']} MB at minute 1, {s['rss_mb_at_end']} MB at the end "
                       f"(delta {s['rss_delta_mb']} MB, target < 2), {s['fps']} FPS", flush=True)
         finally:
-            broker.stop()
+            if broker is not None:
+                broker.stop()
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")

@@ -9,26 +9,23 @@ Tests that start mosquitto are marked `server` and skip when it is not installed
 
 from __future__ import annotations
 
-import getpass
-import json
-import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List
 
 import numpy as np
 import pytest
+from mqtt_broker import Broker, Subscriber, free_port, mosquitto_binary
 
 from edge_runtime.detector import StageTimes
 from edge_runtime.mqtt import MqttPublisher, MqttUnavailable, from_config
 from edge_runtime.postprocess import Detections
 from edge_runtime.realtime import Frame, Result
+
+pytest_plugins = ["mqtt_broker"]
 
 paho = pytest.importorskip("paho.mqtt.client", reason="paho-mqtt missing: pip install 'edge-defect-runtime[mqtt]'")
 
@@ -46,118 +43,10 @@ def wait_until(cond: Callable[[], bool], timeout: float = WAIT_S, what: str = "c
         time.sleep(0.01)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def mosquitto_binary() -> Optional[str]:
-    """mosquitto lives in /usr/sbin, which a non-root PATH often lacks."""
-    return shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto",) if os.access(p, os.X_OK)), None)
-
-
-class Broker:
-    """A mosquitto on 127.0.0.1:port that a test can stop and start again on the same port."""
-
-    def __init__(self, binary: str, root: Path, port: int) -> None:
-        self.binary, self.port = binary, port
-        self.conf, self.log = root / "mosquitto.conf", root / "mosquitto.log"
-        (root / "db").mkdir()
-        # `user`: started as root, mosquitto would switch to user mosquitto, which cannot write the
-        # (0700) pytest temp folder; as non-root the line has no effect.
-        self.conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-                             f"persistence_location {root / 'db'}/\nuser {getpass.getuser()}\n")
-        self.proc: Optional[subprocess.Popen[bytes]] = None
-
-    def start(self) -> None:
-        """Start and wait until the port accepts connections."""
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + WAIT_S
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"mosquitto exited ({self.proc.returncode}): {self.log.read_text()[-2000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError as e:
-                if time.monotonic() > deadline:
-                    tail = self.log.read_text()[-2000:]
-                    raise AssertionError(f"mosquitto not listening on {self.port}: {tail}") from e
-                time.sleep(0.02)
-
-    def signal(self, sig: int) -> None:
-        """Send `sig` to the broker (SIGSTOP: a hung broker whose TCP connections stay open)."""
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def stop(self) -> None:
-        """SIGTERM (mosquitto saves its persistence file on the way out), then wait."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.send_signal(signal.SIGCONT)  # a test may have left it stopped
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    """A started mosquitto (stopped after the test)."""
-    binary = mosquitto_binary()
-    if binary is None:
-        pytest.skip("mosquitto not installed: run scripts/bootstrap.sh --with-mqtt")
-    b = Broker(binary, tmp_path, free_port())
-    b.start()
-    yield b
-    b.stop()
-
-
-class Subscriber:
-    """A real paho client on TOPIC (QoS 1, persistent session) that records JSON payloads in order."""
-
-    def __init__(self, port: int) -> None:
-        self.messages: List[Dict[str, Any]] = []
-        self.lock = threading.Lock()
-        self.subscribed = threading.Event()
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="test-subscriber", clean_session=False)
-        self.client.reconnect_delay_set(0.05, 0.2)
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(TOPIC, qos=1)
-        self.client.on_subscribe = lambda c, u, mid, rcs, p: self.subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        assert self.subscribed.wait(WAIT_S), "subscriber got no SUBACK"
-
-    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        payload = json.loads(msg.payload)
-        with self.lock:
-            # QoS 1 is at least once: a broker restarted from its persistence file re-sends (DUP flag) what it
-            # had not seen our PUBACK for. A consumer drops such repeats; the publisher's order is what is tested.
-            if msg.dup and payload in self.messages:
-                return
-            self.messages.append(payload)
-
-    def seqs(self) -> List[int]:
-        """The `seq` field of every message received so far."""
-        with self.lock:
-            return [m["seq"] for m in self.messages if "seq" in m]
-
-    def close(self) -> None:
-        """Disconnect and stop the network thread."""
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 @pytest.fixture
 def subscriber(broker: Broker) -> Iterator[Subscriber]:
     """A subscriber on the broker's TOPIC."""
-    s = Subscriber(broker.port)
+    s = Subscriber(broker.port, TOPIC)
     yield s
     s.close()
 
@@ -295,7 +184,7 @@ def test_broker_down_at_start_connects_when_it_appears(tmp_path: Path, publisher
     try:
         wait_until(lambda: counter(pub, "mqtt_connected") == 1, what="publisher connected to the late broker")
         wait_until(lambda: counter(pub, "mqtt_published_total") == 3, what="the 3 early messages acknowledged")
-        sub = Subscriber(b.port)
+        sub = Subscriber(b.port, TOPIC)
         try:
             pub.publish({"seq": 3})
             wait_until(lambda: sub.seqs() == [3], what="a message after the connect")

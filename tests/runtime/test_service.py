@@ -36,7 +36,7 @@ from edge_runtime.release import VariantFiles, assemble_release
 from edge_runtime.service import Service, open_detectors
 from edge_runtime.service_config import ServiceConfigError, config_from_json, config_to_json, load_service_config
 
-pytest_plugins = ["browser"]
+pytest_plugins = ["browser", "mqtt_broker"]
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -256,6 +256,25 @@ def test_stalled_camera_turns_healthz_503_and_back(deploy: Path, tmp_path: Path)
         svc.stop()
         runner.join(timeout=15)
     assert not runner.is_alive()
+
+
+@pytest.mark.server
+def test_results_are_published_over_mqtt(deploy: Path, tmp_path: Path, broker: Any) -> None:
+    """service.json's MQTT settings reach a real broker: one QoS-1 message per result on the device's topic."""
+    from mqtt_broker import Subscriber
+
+    sub = Subscriber(broker.port, "edge-defect/dev1/detections")
+    cfg = config_from_json(service_doc(tmp_path, free_port(), mqtt_host="127.0.0.1", mqtt_port=broker.port))
+    svc = Service(deploy / "current", cfg, tmp_path / "out", source=SyntheticSource(160, 120, fps=30.0, max_frames=20))
+    try:
+        summary = svc.run()
+        wait_for(lambda: len(sub.messages) >= 20, 15, "20 MQTT messages")
+    finally:
+        sub.close()
+    release = load_manifest(deploy / "current").release
+    assert [m["frame"] for m in sub.messages] == list(range(20))
+    assert all(m["release"] == release and isinstance(m["detections"], list) for m in sub.messages)
+    assert summary["counters"]["mqtt_published_total"] == 20 and summary["counters"]["mqtt_dropped_total"] == 0
 
 
 def test_loop_memory_does_not_grow_with_frames(deploy: Path) -> None:
