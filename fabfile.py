@@ -1,7 +1,7 @@
 """Fleet tasks: thin wrappers over pipeline.fleet (all logic, paths and checks live there).
 
   fab deploy --group pis [--host H] [--model yolov8n] [--dry-run]
-  fab status --group jetsons          fab rollback --group pis
+  fab status --group jetsons          fab rollback --group pis   (both: the service too)
   fab benchmark --group local         fab collect-frames --group pis --count 50
 
 Every task takes --inventory (default inventory.yaml, or $FLEET_INVENTORY). The exit code is
@@ -50,18 +50,43 @@ def _finish(run: runner.FleetRun, extra: str = "") -> None:
 @task(help={"group": "inventory group", "host": "one host", "model": "model name in models/ (default yolov8n)",
             "dry_run": "resolve and probe only; change nothing", "inventory": "inventory file"})
 def deploy(c, group=None, host=None, model=runner.DEFAULT_MODEL, dry_run=False, inventory=None):
-    """Push the model to devices, health-check, switch `current`, benchmark, log to MLflow."""
-    _finish(_call(lambda: runner.deploy(_inventory(inventory), group, host, model, dry_run=dry_run)))
+    """Push the model to devices, health-check, switch `current`, benchmark, restart the service, log to MLflow."""
+    run = _call(lambda: runner.deploy(_inventory(inventory), group, host, model, dry_run=dry_run))
+    lines = []
+    for r in run.results:
+        svc = r.details.get("service") or {}
+        if svc:
+            state = "healthy" if svc.get("ok") else "NOT healthy"
+            back = f", rolled back to {svc['rolled_back_to']}" if svc.get("rolled_back_to") else ""
+            lines.append(f"  {r.host}: service {state} on {svc.get('release') or '-'} ({svc.get('supervisor')}, "
+                         f"waited {r.timings.get('service_wait', 0):.1f} s){back}")
+    _finish(run, "\n".join(lines))
+
+
+def _service_line(svc: dict) -> str:
+    """`service=...` for `fab status`: running or not, on which release, its FPS and its last error."""
+    if not svc:
+        return "service=none"
+    state = svc.get("status") if svc.get("status") not in (None, "down") else svc.get("active") or "down"
+    fps = svc.get("fps")
+    line = (f"service={state} ({svc.get('supervisor') or '?'}) release={svc.get('release') or '-'} "
+            f"fps={f'{fps:.1f}' if isinstance(fps, (int, float)) else '-'} restarts={svc.get('restarts')}")
+    if svc.get("crash_loop"):
+        line += " CRASH-LOOP"
+    if svc.get("last_error"):
+        line += f" last_error={str(svc['last_error'])[:160]!r}"
+    return line
 
 
 @task(help={"group": "inventory group", "host": "one host", "inventory": "inventory file"})
 def status(c, group=None, host=None, inventory=None):
-    """Show current/previous release, model sha, engines, last benchmark and temperature."""
+    """Show current/previous release, model sha, engines, last benchmark, temperature and the service."""
     run = _call(lambda: runner.status(_inventory(inventory), group, host))
     lines = [f"  {r.host}: current={r.release or '-'} previous={r.previous or '-'} "
              f"model={str(r.details.get('model_sha256', ''))[:12] or '-'} engines={r.details.get('engines') or '-'} "
              f"last={r.details.get('last_result') or '-'} p50_ms={r.details.get('last_p50_ms')} "
-             f"fps={r.details.get('last_fps')} temp_c={r.details.get('temperature_c')}" for r in run.results]
+             f"fps={r.details.get('last_fps')} temp_c={r.details.get('temperature_c')}\n"
+             f"    {_service_line(r.details.get('service') or {})}" for r in run.results]
     _finish(run, "\n".join(lines))
 
 
@@ -84,3 +109,17 @@ def benchmark(c, group=None, host=None, inventory=None, soak_minutes=None):
 def collect_frames(c, group=None, host=None, count=50, inventory=None):
     """Pull camera frames into data/camera/<host>/ for the calibrate stage."""
     _finish(_call(lambda: runner.collect_frames(_inventory(inventory), group, host, int(count))))
+
+
+@task(help={"group": "inventory group", "host": "one host", "inventory": "inventory file",
+            "base_python": "the device's python that creates the venv (default: python3 on its PATH)",
+            "force": "reinstall even when the venv already holds this wheelhouse"})
+def provision(c, group=None, host=None, inventory=None, base_python="python3", force=False):
+    """Create each device's venv (the inventory's python) and install the runtime from a pushed wheelhouse, offline."""
+    from pipeline.fleet import provision as provisioning
+
+    run = _call(lambda: provisioning.provision(_inventory(inventory), group, host, base_python=base_python,
+                                               force=force))
+    _finish(run, "\n".join(f"  {r.host}: {r.details.get('target', '-')} venv={r.details.get('venv', '-')} "
+                           f"wheelhouse={r.release or '-'} ({r.details.get('wheels', 0)} wheels, "
+                           f"{r.details.get('wheelhouse_bytes', 0) / 1e6:.1f} MB)" for r in run.results))

@@ -1,7 +1,9 @@
 """Load and validate `inventory.yaml`: groups of hosts, group defaults, per-host overrides.
 
 A host's fields are the top-level `defaults:`, then its group's `defaults:`, then its own values
-(later wins; `null` unsets). The merged fields are validated by a strict pydantic model
+(later wins; `null` unsets). The nested `service:` mapping (the detector as a supervised service,
+`ServiceSettings`) is merged key by key the same way, so a host can change one service setting
+without repeating the others. The merged fields are validated by a strict pydantic model
 (`_HostFields`: exact types, no unknown or missing field, ranges for what reaches the device) and
 become a frozen `Host` record. Every problem is one `InventoryError` line naming the file, the
 host and its group, and the field, and saying how to fix it.
@@ -16,14 +18,15 @@ port and deploy folder) are refused too: their deploys would overwrite each othe
 
 from __future__ import annotations
 
+import ipaddress
 import posixpath
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, get_args
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.config.params import DuplicateKeyError, Problem, load_yaml, problems, rule
 
@@ -63,78 +66,6 @@ class Settings:
     concurrency: int = 16  # hosts deployed at once; bounded so a big fleet cannot exhaust sockets
     known_hosts: str = "~/.ssh/known_hosts"  # host keys are verified against this file
     connect_timeout_s: float = 10.0
-
-
-@dataclass(frozen=True)
-class Host:
-    """One device, after group defaults and per-host overrides are merged and validated."""
-
-    name: str
-    group: str
-    kind: str  # pi | jetson | local
-    address: str
-    port: int
-    user: str
-    key: str | None  # private key path on this machine; None = ssh-agent only
-    agent: bool  # also offer keys from ssh-agent
-    accept_new_host_key: bool  # opt-in: trust and record an unknown host key on first contact
-    arch: str
-    runtime: str  # onnxruntime | tensorrt
-    precision: str  # int8 | fp16 | fp32
-    deploy_dir: str  # absolute, or relative to the login's home (local: to the inventory file)
-    python: str  # the device's python (3.8+ with numpy, opencv, onnxruntime)
-    ort_threads: int
-    thermal_throttle_c: float
-    thermal_resume_c: float
-    trt_workspace_mb: int | None  # required for tensorrt hosts
-    frames_dir: str  # where the device's camera writes frames (collect-frames pulls from here)
-    bench_warmup: int
-    bench_iterations: int
-    conf: float  # postprocess thresholds shipped in the manifest
-    iou: float
-    max_det: int
-
-    @property
-    def is_local(self) -> bool:
-        """True for hosts that run on this machine without SSH."""
-        return self.kind == "local"
-
-    def public_tags(self) -> dict[str, str]:
-        """Descriptive fields safe to record in MLflow (no key paths, users or addresses)."""
-        return {"device": self.name, "group": self.group, "kind": self.kind, "arch": self.arch,
-                "runtime": self.runtime, "precision": self.precision}
-
-
-@dataclass(frozen=True)
-class Inventory:
-    """All groups and hosts of one inventory file."""
-
-    path: Path
-    settings: Settings
-    groups: Mapping[str, tuple[Host, ...]]
-
-    def hosts(self) -> tuple[Host, ...]:
-        """Every host, in file order."""
-        return tuple(h for hs in self.groups.values() for h in hs)
-
-    def select(self, group: str | None = None, host: str | None = None) -> tuple[Host, ...]:
-        """Hosts of `group` and/or the one named `host`; an unknown name is an InventoryError."""
-        if group is None and host is None:
-            raise InventoryError("choose hosts with --group NAME or --host NAME "
-                                 f"(groups in {self.path}: {', '.join(self.groups)})")
-        if group is not None and group not in self.groups:
-            raise InventoryError(f"unknown group '{group}'; {self.path} defines: {', '.join(self.groups)}")
-        pool = self.groups[group] if group is not None else self.hosts()
-        if host is None:
-            if not pool:
-                raise InventoryError(f"group '{group}' in {self.path} has no hosts")
-            return tuple(pool)
-        chosen = tuple(h for h in pool if h.name == host)
-        if not chosen:
-            where = f"group '{group}'" if group else str(self.path)
-            names = ", ".join(h.name for h in pool)
-            raise InventoryError(f"unknown host '{host}' in {where}; known hosts: {names}")
-        return chosen
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,6 +125,199 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+# --------------------------------------------------------------------------------------------
+# The service section
+# --------------------------------------------------------------------------------------------
+
+CAMERA_SOURCE = re.compile(r"\A[0-9]{1,3}\Z")
+SYNTHETIC_SOURCE = re.compile(r"\Asynthetic(:[1-9][0-9]{0,4}x[1-9][0-9]{0,4})?\Z")
+ACTUATOR = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*\Z")
+MQTT_TOPIC = re.compile(r"\A[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*\Z")  # a publish topic: no wildcards, no spaces
+# Required in an enabled service section (the others have the defaults below).
+SERVICE_REQUIRED = ("source", "http_port", "stall_s", "jsonl_max_mb", "jsonl_backups", "frames_every_s",
+                    "frames_band", "frames_max_files", "frames_max_mb", "healthy_timeout_s", "watchdog_s",
+                    "restart_s")
+
+
+def _is_camera_or_synthetic(value: str) -> bool:
+    return bool(CAMERA_SOURCE.fullmatch(value) or SYNTHETIC_SOURCE.fullmatch(value))
+
+
+def _source(value: str) -> str:
+    if value.startswith("synthetic") and not SYNTHETIC_SOURCE.fullmatch(value):
+        raise ValueError(f"is {value!r}; a synthetic source is 'synthetic' or 'synthetic:WxH' (e.g. synthetic:640x480)")
+    return _shell_safe(value)
+
+
+def _http_bind(value: str) -> str:
+    if value != "localhost":
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"is {value!r}; give an IP address of the device (127.0.0.1 = this device only, "
+                             "0.0.0.0 = every interface)") from None
+    return value
+
+
+def _pattern(regex: re.Pattern[str], what: str) -> Any:
+    def check(value: str) -> str:
+        if value and not regex.fullmatch(value):
+            raise ValueError(f"is {value!r}; {what}")
+        return value
+    return AfterValidator(check)
+
+
+def _pair(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+class ServiceSettings(_Strict):
+    """A host's `service:` section: how `python -m edge_runtime serve` runs on it.
+
+    The fields of `<deploy_dir>/service/service.json` (the runtime's `service_config.ServiceConfig`
+    checks them again on the device) except `device` (the host's name) and `frames_dir` (the
+    host's own `frames_dir`, so `fab collect-frames` pulls from where the service writes), plus
+    what the deploy and the supervisors need: `enabled`, `supervisor`, `healthy_timeout_s`,
+    `watchdog_s`, `restart_s`. With `enabled: false` nothing else is required.
+    """
+
+    enabled: bool = True
+    supervisor: Literal["auto", "systemd", "runtime"] = "auto"
+    source: Annotated[str, AfterValidator(_source)] | None = None
+    fps: float | None = Field(default=None, gt=0.0, le=1000.0)
+    http_bind: Annotated[str, AfterValidator(_http_bind)] = "127.0.0.1"
+    http_port: int | None = Field(default=None, ge=1, le=65535)
+    stall_s: float | None = Field(default=None, ge=0.1, le=3600.0)
+    jsonl_max_mb: float | None = Field(default=None, ge=1.0, le=1e6)
+    jsonl_backups: int | None = Field(default=None, ge=0, le=1000)
+    mqtt_host: ShellSafeOrEmpty = ""
+    mqtt_port: int = Field(default=1883, ge=1, le=65535)
+    mqtt_topic: Annotated[str, _pattern(MQTT_TOPIC, "use letters, digits, '_', '.', '-' between '/' (no wildcards); "
+                                                    "'' = edge-defect/<host>/detections")] = ""
+    mqtt_queue: int = Field(default=1000, ge=1, le=10_000_000)
+    frames_every_s: float | None = Field(default=None, ge=0.0, le=86400.0)
+    frames_band: Annotated[tuple[float, float], BeforeValidator(_pair)] | None = None
+    frames_max_files: int | None = Field(default=None, ge=1, le=10_000_000)
+    frames_max_mb: float | None = Field(default=None, ge=1.0, le=1e6)
+    actuator: Annotated[str, _pattern(ACTUATOR, "give module:function (a Python module on the device's path), "
+                                                "or '' for none")] = ""
+    variant: Annotated[str, _pattern(SAFE_NAME, "give a variant name from the release's manifest, or null for "
+                                                "its first")] | None = None
+    healthy_timeout_s: float | None = Field(default=None, gt=0.0, le=3600.0)
+    watchdog_s: float | None = Field(default=None, ge=0.0, le=3600.0)
+    restart_s: float | None = Field(default=None, ge=0.1, le=600.0)
+
+    @model_validator(mode="after")
+    def _complete(self) -> ServiceSettings:
+        if not self.enabled:
+            return self
+        missing = [n for n in SERVICE_REQUIRED if getattr(self, n) is None]
+        if len(missing) == 1:
+            raise rule(missing[0], "is missing: set it in the service section (or set 'enabled: false')")
+        if missing:
+            raise rule("", f"is missing {', '.join(missing)}: set them in the service section "
+                           "(or set 'enabled: false')")
+        lo, hi = self.frames_band or (0.0, 0.0)
+        if not 0.0 <= lo < hi <= 1.0:
+            raise rule("frames_band", f"is [{lo:g}, {hi:g}]: need 0 <= lo < hi <= 1 (a band of detection scores)")
+        if self.watchdog_s and self.stall_s and self.watchdog_s <= self.stall_s:
+            raise rule("watchdog_s", f"is {self.watchdog_s:g}, not above stall_s ({self.stall_s:g}): the watchdog "
+                                     "acts on a service /healthz already calls stalled, so it must wait longer; "
+                                     "0 turns it off")
+        return self
+
+    def config(self, device: str, frames_dir: str) -> dict[str, Any]:
+        """The service.json document for a host (exactly the fields `serve` accepts)."""
+        return {"device": device, "source": self.source, "fps": self.fps, "http_bind": self.http_bind,
+                "http_port": self.http_port, "stall_s": self.stall_s, "jsonl_max_mb": self.jsonl_max_mb,
+                "jsonl_backups": self.jsonl_backups, "mqtt_host": self.mqtt_host, "mqtt_port": self.mqtt_port,
+                "mqtt_topic": self.mqtt_topic, "mqtt_queue": self.mqtt_queue, "frames_dir": frames_dir,
+                "frames_every_s": self.frames_every_s, "frames_band": list(self.frames_band or ()),
+                "frames_max_files": self.frames_max_files, "frames_max_mb": self.frames_max_mb,
+                "actuator": self.actuator, "variant": self.variant}
+
+    @property
+    def source_is_path(self) -> bool:
+        """The source is a video file or an image folder (not a camera index or synthetic)."""
+        return self.source is not None and not _is_camera_or_synthetic(self.source)
+
+
+SERVICE_OFF = ServiceSettings(enabled=False)
+
+
+@dataclass(frozen=True)
+class Host:
+    """One device, after group defaults and per-host overrides are merged and validated."""
+
+    name: str
+    group: str
+    kind: str  # pi | jetson | local
+    address: str
+    port: int
+    user: str
+    key: str | None  # private key path on this machine; None = ssh-agent only
+    agent: bool  # also offer keys from ssh-agent
+    accept_new_host_key: bool  # opt-in: trust and record an unknown host key on first contact
+    arch: str
+    runtime: str  # onnxruntime | tensorrt
+    precision: str  # int8 | fp16 | fp32
+    deploy_dir: str  # absolute, or relative to the login's home (local: to the inventory file)
+    python: str  # the device's python (3.8+ with numpy, opencv, onnxruntime)
+    ort_threads: int
+    thermal_throttle_c: float
+    thermal_resume_c: float
+    trt_workspace_mb: int | None  # required for tensorrt hosts
+    frames_dir: str  # where the device's camera writes frames (collect-frames pulls from here)
+    bench_warmup: int
+    bench_iterations: int
+    conf: float  # postprocess thresholds shipped in the manifest
+    iou: float
+    max_det: int
+    service: ServiceSettings = field(default=SERVICE_OFF)  # the supervised `serve` (enabled: false = none)
+
+    @property
+    def is_local(self) -> bool:
+        """True for hosts that run on this machine without SSH."""
+        return self.kind == "local"
+
+    def public_tags(self) -> dict[str, str]:
+        """Descriptive fields safe to record in MLflow (no key paths, users or addresses)."""
+        return {"device": self.name, "group": self.group, "kind": self.kind, "arch": self.arch,
+                "runtime": self.runtime, "precision": self.precision}
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """All groups and hosts of one inventory file."""
+
+    path: Path
+    settings: Settings
+    groups: Mapping[str, tuple[Host, ...]]
+
+    def hosts(self) -> tuple[Host, ...]:
+        """Every host, in file order."""
+        return tuple(h for hs in self.groups.values() for h in hs)
+
+    def select(self, group: str | None = None, host: str | None = None) -> tuple[Host, ...]:
+        """Hosts of `group` and/or the one named `host`; an unknown name is an InventoryError."""
+        if group is None and host is None:
+            raise InventoryError("choose hosts with --group NAME or --host NAME "
+                                 f"(groups in {self.path}: {', '.join(self.groups)})")
+        if group is not None and group not in self.groups:
+            raise InventoryError(f"unknown group '{group}'; {self.path} defines: {', '.join(self.groups)}")
+        pool = self.groups[group] if group is not None else self.hosts()
+        if host is None:
+            if not pool:
+                raise InventoryError(f"group '{group}' in {self.path} has no hosts")
+            return tuple(pool)
+        chosen = tuple(h for h in pool if h.name == host)
+        if not chosen:
+            where = f"group '{group}'" if group else str(self.path)
+            names = ", ".join(h.name for h in pool)
+            raise InventoryError(f"unknown host '{host}' in {where}; known hosts: {names}")
+        return chosen
+
+
 class _HostFields(_Strict):
     """The fields of one host after merging (`Host` minus name and group), with their constraints."""
 
@@ -220,6 +344,7 @@ class _HostFields(_Strict):
     conf: float = Field(ge=0.0, le=1.0)
     iou: float = Field(ge=0.0, le=1.0)
     max_det: int = Field(ge=1)
+    service: ServiceSettings = SERVICE_OFF  # absent = no service (the deploy then only benchmarks)
 
     @model_validator(mode="after")
     def _consistent(self) -> _HostFields:
@@ -238,6 +363,13 @@ class _HostFields(_Strict):
         if self.thermal_resume_c >= self.thermal_throttle_c:
             raise rule("thermal_resume_c", f"must be below thermal_throttle_c (hysteresis): {self.thermal_resume_c:g} "
                                            f">= {self.thermal_throttle_c:g}")
+        svc = self.service
+        if svc.enabled and self.kind == "local" and svc.supervisor == "systemd":
+            raise rule("service.supervisor", "is systemd, but local hosts are this workstation: the deploy does not "
+                                             "install system units here; use runtime (or auto)")
+        if svc.enabled and self.kind != "local" and svc.source_is_path and not str(svc.source).startswith("/"):
+            raise rule("service.source", f"is {svc.source!r}, a relative path; give the video file or image folder "
+                                         "as an absolute path on the device")
         return self
 
 
@@ -280,9 +412,10 @@ def _doc_line(path: Path, p: Problem) -> str:
 
 def _host_line(path: Path, name: str, group: str, p: Problem, origin: Mapping[str, str]) -> str:
     """A problem of one host's merged fields; says where a value came from when not from the host."""
-    field = str(p.loc[0]) if p.loc else ""
+    field = p.key if p.loc else ""
     where = f"{path}: host '{name}' (group '{group}')"
-    set_in = f" (set in {origin[field]})" if origin.get(field, "the host") != "the host" else ""
+    source = origin.get(field) or origin.get(field.split(".")[0], "the host")
+    set_in = f" (set in {source})" if source != "the host" else ""
     if p.kind == "missing":
         return f"{where}: missing field '{field}'; set it on the host or in the group's defaults"
     if p.kind == "unknown":
@@ -296,17 +429,25 @@ def _build_host(path: Path, name: str, group: str, layers: list[tuple[str, Mappi
     merged: dict[Any, Any] = {}
     origin: dict[str, str] = {}
     for label, layer in layers:
-        merged.update(layer)
-        origin.update({str(k): label for k in layer})
+        for key, value in layer.items():
+            if key == "service" and isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+                merged[key] = {**merged[key], **value}  # nested: key by key, not replaced wholesale
+            else:
+                merged[key] = dict(value) if isinstance(value, Mapping) else value
+            origin[str(key)] = label
+            if key == "service" and isinstance(value, Mapping):
+                origin.update({f"service.{k}": label for k in value})
     # `null` unsets: the field falls back to its default, or is reported missing.
     values = {k: v for k, v in merged.items() if v is not None}
+    if isinstance(values.get("service"), Mapping):
+        values["service"] = {k: v for k, v in values["service"].items() if v is not None or k in ("fps", "variant")}
     try:
         f = _HostFields.model_validate(values)
     except ValidationError as e:
         errors.extend(_host_line(path, name, group, p, origin) for p in problems(e, _HostFields))
         return None
     frames_dir = f.frames_dir or f.deploy_dir.rstrip("/") + "/frames"
-    return Host(name=name, group=group, **{**f.model_dump(), "frames_dir": frames_dir})
+    return Host(name=name, group=group, **{**f.model_dump(), "frames_dir": frames_dir, "service": f.service})
 
 
 def _device(h: Host) -> tuple[str, int, str, str]:
@@ -330,6 +471,7 @@ def parse_inventory(doc: Any, path: Path) -> Inventory:
     groups: dict[str, tuple[Host, ...]] = {}
     seen: dict[str, str] = {}  # host name -> its group
     devices: dict[tuple[str, int, str, str], Host] = {}
+    http_ports: dict[tuple[str, int, int], Host] = {}  # (address, ssh port, service.http_port): one device's port
     for group, body in top.groups.items():
         if not isinstance(group, str) or not SAFE_NAME.fullmatch(group):
             errors.append(f"{path}: group name {group!r} must be letters, digits, '_', '.', '-'")
@@ -356,6 +498,13 @@ def parse_inventory(doc: Any, path: Path) -> Inventory:
                               f"are the same device ({host.address or 'this machine'} port {host.port}, deploy_dir "
                               f"{host.deploy_dir}): their deploys would overwrite each other; remove one, or give "
                               "each its own deploy_dir")
+            if host.service.enabled and host.service.http_port is not None:
+                key = (host.address.lower(), host.port, host.service.http_port)
+                first = http_ports.setdefault(key, host)
+                if first is not host:
+                    errors.append(f"{path}: hosts '{first.name}' (group '{first.group}') and '{name}' (group "
+                                  f"'{group}') both serve on port {host.service.http_port} of the same device "
+                                  f"({host.address or 'this machine'}): give one of them another service.http_port")
             built.append(host)
         groups[group] = tuple(built)
     if errors:

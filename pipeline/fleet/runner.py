@@ -89,7 +89,11 @@ def resolve_local_host(host: Host, inventory: Inventory) -> Host:
 
     # A bare python name ("python3") is looked up on PATH; a relative path is the inventory's.
     python = absolute(host.python) if "/" in host.python else host.python
-    return replace(host, deploy_dir=absolute(host.deploy_dir), frames_dir=absolute(host.frames_dir), python=python)
+    service = host.service
+    if service.enabled and service.source_is_path:  # a video file / image folder beside the inventory
+        service = service.model_copy(update={"source": absolute(str(service.source))})
+    return replace(host, deploy_dir=absolute(host.deploy_dir), frames_dir=absolute(host.frames_dir), python=python,
+                   service=service)
 
 
 def _resolve_releases(hosts: Sequence[Host], sources: Sources, model: str, workdir: Path
@@ -116,10 +120,15 @@ def _resolve_releases(hosts: Sequence[Host], sources: Sources, model: str, workd
 def deploy(inventory: Inventory, group: str | None = None, host: str | None = None, model: str = DEFAULT_MODEL,
            dry_run: bool = False, sources: Sources | None = None, results_dir: Path | None = None,
            bench: bool = True, log_to_mlflow: bool = True) -> FleetRun:
-    """Deploy the model to the selected hosts: push, (engine), health, switch, benchmark, collect.
+    """Deploy the model to the selected hosts: push, (engine), health, switch, benchmark, service, collect.
 
     With `dry_run`, only resolves artifacts and probes each device (read-only): the results say
     which files would be sent and which release would go live.
+
+    A host with a service (inventory `service:`) gets it restarted on the new release after the
+    benchmark (which runs with the service stopped, so it has the CPU alone); if /healthz is not
+    ok on the new release within `healthy_timeout_s`, the device rolls `current` back and restarts
+    the service there, and the host fails at step `service` with the reason.
     """
     start = time.perf_counter()
     hosts = [resolve_local_host(h, inventory) for h in inventory.select(group, host)]
@@ -150,6 +159,7 @@ def deploy(inventory: Inventory, group: str | None = None, host: str | None = No
                     r.files_sent += [f"{kind}/{bundle.name}/{n}" for n in need]
                 r.outcome = "dry-run"
                 r.details["would_switch"] = state["current"] != rel.manifest.release
+                r.details["would_restart_service"] = h.service.enabled
                 return
             with r.step("push"):
                 publish = [steps.upload_bundle(conn, h, "runtime", rel.runtime, state, r),
@@ -161,11 +171,16 @@ def deploy(inventory: Inventory, group: str | None = None, host: str | None = No
                                       [p for p in publish if p is not None], stamp if bench else None, r)
             r.outcome = "deployed" if done.switched["changed"] else "unchanged"
             r.previous = done.switched["previous"] or ""
-            if done.bench is not None and done.bench_out is not None:
+            if done.service is not None and done.service.get("enabled", True):
+                r.details["service"] = steps.service_summary(done.service)
+            if done.bench is not None and done.bench_out is not None and done.bench.exited == 0:
+                with r.step("fetch"):  # measured on the new release before its service started
+                    _fetch_bench(conn, h, r, done.bench_out, results_dir)
+            with r.failing_as("service"):
+                steps.check_service(h, rel.manifest.release, done.service)
+            if done.bench is not None:
                 with r.failing_as("bench"):
                     steps.check_bench(done.bench)
-                with r.step("fetch"):
-                    _fetch_bench(conn, h, r, done.bench_out, results_dir)
 
         results = run_on_hosts(hosts, inventory, work)
     run = FleetRun("deploy", results, time.perf_counter() - start,
@@ -235,7 +250,11 @@ def benchmark(inventory: Inventory, group: str | None = None, host: str | None =
 
 
 def rollback(inventory: Inventory, group: str | None = None, host: str | None = None) -> FleetRun:
-    """Make `previous` current again (after a health check of it); the two swap places."""
+    """Make `previous` current again (after a health check of it); the two swap places.
+
+    A host with a service gets it restarted on the rolled-back release and waited for; if it does
+    not come up healthy, the device switches back to where it was and the host fails.
+    """
     start = time.perf_counter()
     hosts = [resolve_local_host(h, inventory) for h in inventory.select(group, host)]
 
@@ -255,13 +274,19 @@ def rollback(inventory: Inventory, group: str | None = None, host: str | None = 
             switched = steps.switch_release(conn, h, st["deploy_dir"], target)
         r.previous = switched["previous"] or ""
         r.outcome = "rolled-back" if switched["changed"] else "unchanged"
+        with r.step("service"):
+            answer = steps.service_activate(conn, h, st["deploy_dir"], target,
+                                            {"current": st["current"], "previous": st["previous"]})
+            if answer.get("enabled", True):
+                r.details["service"] = steps.service_summary(answer)
+            steps.check_service(h, target, answer)
 
     results = run_on_hosts(hosts, inventory, work)
     return FleetRun("rollback", results, time.perf_counter() - start, {"group": group or "", "host": host or ""})
 
 
 def status(inventory: Inventory, group: str | None = None, host: str | None = None) -> FleetRun:
-    """current/previous release, model sha, engines, last benchmark and temperature per host."""
+    """current/previous release, model sha, engines, last benchmark, temperature and the service per host."""
     start = time.perf_counter()
     hosts = [resolve_local_host(h, inventory) for h in inventory.select(group, host)]
 
@@ -272,6 +297,7 @@ def status(inventory: Inventory, group: str | None = None, host: str | None = No
         source = st.get("current_manifest", {}).get("source", {})
         last = st.get("last_result_doc") or {}
         metrics = bench_metrics(last) if last else {}
+        service = st.get("service") or {}
         r.details = {
             "model_sha256": source.get("model_sha256", ""),
             "engines": st["engines"],
@@ -279,6 +305,10 @@ def status(inventory: Inventory, group: str | None = None, host: str | None = No
             "last_p50_ms": metrics.get("latency_p50_ms"),
             "last_fps": metrics.get("fps"),
             "temperature_c": st["temperature_c"],
+            # the service: from /healthz, and supervisor.json or systemctl (deploy_ops.service_status)
+            "service": {k: service.get(k) for k in ("configured", "supervisor", "unit", "active", "running", "ok",
+                                                     "status", "release", "fps", "pid", "restarts", "crash_loop",
+                                                     "last_error", "health")} if service.get("configured") else {},
         }
         r.outcome = "ok" if st["current"] else "empty"
 
@@ -287,17 +317,22 @@ def status(inventory: Inventory, group: str | None = None, host: str | None = No
 
 
 def collect_frames(inventory: Inventory, group: str | None = None, host: str | None = None, count: int = 50,
-                   camera_dir: Path | None = None) -> FleetRun:
-    """Pull the newest `count` camera frames per host into data/camera/<host>/ (for calibrate)."""
+                   camera_dir: Path | None = None, meta_dir: Path | None = None) -> FleetRun:
+    """Pull the newest `count` camera frames per host into data/camera/<host>/ (for calibrate).
+
+    Their JSON sidecars (detections, reason, release) go to `meta_dir`/<host>/, by default the
+    sibling data/camera-meta/ of `camera_dir`: the camera stage accepts only images and videos there.
+    """
     if count < 1:
         raise ValueError(f"--count {count}: ask for at least one frame")
     start = time.perf_counter()
     hosts = [resolve_local_host(h, inventory) for h in inventory.select(group, host)]
     camera_dir = camera_dir or paths.repo_root() / "data" / "camera"
+    meta_dir = meta_dir or camera_dir.parent / "camera-meta"
 
     def work(conn: Any, h: Host, r: HostResult) -> None:
         with r.step("frames"):
-            steps.collect_frames(conn, h, count, camera_dir / h.name, r)
+            steps.collect_frames(conn, h, count, camera_dir / h.name, r, meta_dir / h.name)
         r.outcome = "ok"
 
     results = run_on_hosts(hosts, inventory, work)

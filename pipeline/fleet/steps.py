@@ -157,26 +157,99 @@ def run_benchmark(conn: Any, host: Host, deploy_dir: str, runtime: str, release:
 
 @dataclass
 class Activation:
-    """What `activate` did after health passed: the switch, and the benchmark run if asked for."""
+    """What `activate` did after health passed: the switch, the benchmark run if asked for, and the
+    service's (re)start on the new release (with the automatic rollback when it did not come up)."""
 
     switched: dict[str, Any]
     bench: DeviceRun | None
     bench_out: str | None
+    service: dict[str, Any] | None = None
+
+
+# The service wait on the device: start + /healthz wait, and the same again for a rollback.
+SERVICE_MARGIN_S = 90.0
+
+
+def unit_name(host: Host) -> str:
+    """The systemd unit of a host's service: one per inventory host (so per deploy dir)."""
+    return f"edge-defect-{host.name}.service"
+
+
+def service_spec(host: Host) -> dict[str, Any]:
+    """What the device's service ops need from the inventory: settings, service.json, the unit's name."""
+    s = host.service
+    if not s.enabled:
+        return {"enabled": False}
+    return {"enabled": True, "supervisor": s.supervisor, "unit": unit_name(host),
+            "config": s.config(host.name, host.frames_dir), "healthy_timeout_s": s.healthy_timeout_s,
+            "watchdog_s": s.watchdog_s, "restart_s": s.restart_s}
+
+
+def service_timeout(host: Host) -> float:
+    """Seconds the device may spend on the service after a switch (start + wait, twice with a rollback)."""
+    return 2.0 * (float(host.service.healthy_timeout_s or 0.0) + SERVICE_MARGIN_S) if host.service.enabled else 60.0
+
+
+def check_service(host: Host, release: str, answer: dict[str, Any] | None) -> None:
+    """StepError unless the service came up healthy on `release` (the device has then rolled back)."""
+    if answer is None or answer.get("ok"):
+        return
+    if not answer.get("enabled", True):
+        raise StepError(f"{answer.get('reason')}; stop it on the device, or re-run the deploy")
+    head = f"service not healthy on release {release} ({answer.get('reason') or 'no reason given'})"
+    back = answer.get("rollback")
+    if back is None:
+        raise StepError(f"{head}; it was already the current release, so there is nothing to roll back to (the "
+                        "supervisor keeps restarting it): fix the cause, or `fab rollback`")
+    if back.get("release") is None:
+        raise StepError(f"{head}; no earlier release on the device to go back to: `current` removed, service "
+                        f"stopped{'' if back.get('ok') else ' (stop failed: ' + str(back.get('reason')) + ')'}")
+    if back.get("ok"):
+        raise StepError(f"{head}; rolled back: release {back['release']} is current again and its service is "
+                        "healthy")
+    raise StepError(f"{head}; rolled back to release {back['release']}, but its service is not healthy either "
+                    f"({back.get('reason')})")
+
+
+def service_summary(answer: dict[str, Any] | None) -> dict[str, Any]:
+    """The part of a service answer worth keeping in a host's result (no full /healthz documents)."""
+    if answer is None:
+        return {}
+    health = answer.get("health") or {}
+    back = answer.get("rollback") or {}
+    return {"enabled": answer.get("enabled", True), "ok": bool(answer.get("ok")),
+            "supervisor": answer.get("supervisor"), "reason": answer.get("reason") or "",
+            "release": health.get("release"), "fps": health.get("fps"), "status": health.get("status"),
+            "rolled_back_to": back.get("release") if answer.get("rollback") is not None else None,
+            "rollback_ok": back.get("ok") if answer.get("rollback") is not None else None}
+
+
+def service_activate(conn: Any, host: Host, deploy_dir: str, release: str,
+                     before: dict[str, str | None]) -> dict[str, Any]:
+    """(Re)start the service on `release` (already current) and wait; on failure the device restores
+    `before` ({current, previous}) and restarts the service there. One SSH command."""
+    args = {"deploy_dir": deploy_dir, "release": release, "before": before, "service": service_spec(host)}
+    return run_helper(conn, host, "service_activate", args, timeout=service_timeout(host) + 60.0)
 
 
 def activate(conn: Any, host: Host, deploy_dir: str, runtime: str, release: str, publish: list[dict[str, Any]],
              stamp: str | None, result: HostResult) -> Activation:
-    """Verify + publish the uploads, (engine), health, switch, (bench): one SSH command.
+    """Verify + publish the uploads, (engine), health, switch, (bench), service: one SSH command.
 
     The device runs the steps in order and stops at the first failure, so `current` changes only
     after the health check passed, exactly as with one command per step; the answers are checked
     here with the same functions (`check_health`, ...). Each step's device-side seconds land in
     `result.timings` (verify, engine, health, switch, bench). `stamp` None = no benchmark. The
     benchmark's own failure is left to the caller (`check_bench`): the switch has happened.
+
+    The service (when the host has one) is stopped before the benchmark, so the benchmark has the
+    CPU to itself, and started on the new release after it; if it is not healthy within the host's
+    `healthy_timeout_s`, the device puts `current`/`previous` back as they were and restarts the
+    service there (`Activation.service`; `check_service` turns that into the host's failure).
     """
     runtime_dir = posixpath.join(deploy_dir, "runtime", runtime)
     args: dict[str, Any] = {"deploy_dir": deploy_dir, "runtime_dir": runtime_dir, "release": release,
-                            "publish": publish,
+                            "publish": publish, "service": service_spec(host),
                             "health": {"verb": "health", "args": _health_args(host, deploy_dir, release),
                                        "timeout": HEALTH_TIMEOUT_S}}
     timeout = HEALTH_TIMEOUT_S
@@ -189,6 +262,7 @@ def activate(conn: Any, host: Host, deploy_dir: str, runtime: str, release: str,
         args["bench"] = {"verb": "bench", "args": _bench_args(host, deploy_dir, release, bench_out),
                          "timeout": BENCH_TIMEOUT_S}
         timeout += BENCH_TIMEOUT_S
+    timeout += service_timeout(host)
     answer = run_helper(conn, host, "activate", args, timeout=timeout + 120.0)
     result.timings.update({k: round(float(v), 3) for k, v in answer["seconds"].items()})
     with result.failing_as("verify"):
@@ -203,7 +277,7 @@ def activate(conn: Any, host: Host, deploy_dir: str, runtime: str, release: str,
         result.failed_step = result.failed_step or "switch"
         raise StepError(f"the device did not switch to release {release} although its health report reads as "
                         "passed; re-run the deploy")
-    return Activation(answer["switch"], runs.get("bench"), bench_out)
+    return Activation(answer["switch"], runs.get("bench"), bench_out, answer.get("service"))
 
 
 def fetch_file(conn: Any, remote: str, local: Path) -> Path:
@@ -235,24 +309,41 @@ def device_status(conn: Any, host: Host) -> dict[str, Any]:
     return run_helper(conn, host, "status", {"deploy_dir": host.deploy_dir})
 
 
-def collect_frames(conn: Any, host: Host, count: int, dest: Path, result: HostResult) -> list[Path]:
-    """Pull the newest `count` camera frames into `dest` (skipping ones already here, verified)."""
+def collect_frames(conn: Any, host: Host, count: int, dest: Path, result: HostResult,
+                   meta_dest: Path | None = None) -> list[Path]:
+    """Pull the newest `count` camera frames into `dest` (skipping ones already here, verified).
+
+    With `meta_dest`, each frame's JSON sidecar (the device FrameKeeper's time, release, variant,
+    reason, detections) goes to `meta_dest/<stem>.json`: a sibling tree, because the camera stage
+    refuses any file in `dest` that is not an image or a video. The sidecar is fetched before its
+    image, so a frame here never lacks the sidecar the device had for it.
+    """
     listing = run_helper(conn, host, "frames", {"dir": host.frames_dir, "count": count})
     if not listing["frames"]:
         raise StepError(f"no camera frames in {listing['dir']} on the device; start the capture and retry")
-    got = []
-    for frame in listing["frames"]:
-        local = dest / frame["name"]
-        if local.is_file() and sha256_file(local) == frame["sha256"]:
-            got.append(local)
-            continue
-        fetch_file(conn, posixpath.join(listing["dir"], frame["name"]), local)
-        if sha256_file(local) != frame["sha256"]:
+
+    def pull(entry: dict[str, Any], local: Path, what: str) -> None:
+        if local.is_file() and sha256_file(local) == entry["sha256"]:
+            return  # already here from an earlier collect
+        fetch_file(conn, posixpath.join(listing["dir"], entry["name"]), local)
+        if sha256_file(local) != entry["sha256"]:
             local.unlink()
-            raise StepError(f"frame {frame['name']} changed during download (sha256 mismatch); retry")
-        result.bytes_sent += frame["size"]
+            raise StepError(f"{what} {entry['name']} changed during download (sha256 mismatch); retry")
+        result.bytes_sent += entry["size"]
+
+    got = []
+    sidecars = 0
+    for frame in listing["frames"]:
+        side = frame.get("sidecar")
+        if meta_dest is not None and side:
+            pull(side, meta_dest / side["name"], "sidecar")
+            sidecars += 1
+        local = dest / frame["name"]
+        pull(frame, local, "frame")
         got.append(local)
-    result.details.update(frames=len(got), available=listing["available"], dest=str(dest))
+    result.details.update(frames=len(got), sidecars=sidecars, available=listing["available"], dest=str(dest))
+    if meta_dest is not None:
+        result.details["meta_dest"] = str(meta_dest)
     return got
 
 

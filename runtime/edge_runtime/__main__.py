@@ -244,6 +244,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_supervise(args: argparse.Namespace) -> int:
+    """`supervise`: run `serve` on the current release and keep it running (supervisor.py); exit 0 on SIGTERM."""
+    from .supervisor import Supervisor, main_options, stop_supervisor
+
+    if args.stop:
+        print(json.dumps(stop_supervisor(args.deploy_dir), sort_keys=True))
+        return EXIT_OK
+    max_bytes = int(args.log_max_mb * 1024 * 1024) if args.log_max_mb is not None else None
+    return Supervisor(main_options(args.deploy_dir, log_max_bytes=max_bytes, backoff_initial_s=args.backoff_initial_s,
+                                   backoff_max_s=args.backoff_max_s, stable_after_s=args.stable_after_s,
+                                   start_timeout_s=args.start_timeout_s, watchdog_s=args.watchdog_s,
+                                   stop_timeout_s=args.stop_timeout_s,
+                                   crash_loop_after=args.crash_loop_after)).run()
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser (one subcommand per verb)."""
     p = _Parser(prog=PROG, description="Device runtime for the edge defect detector.")
@@ -310,6 +324,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--summary", help="write the summary JSON here when the service stops")
     sp.add_argument("--thermal-root", default="/", help=argparse.SUPPRESS)
     sp.set_defaults(func=cmd_serve)
+    sp = sub.add_parser("supervise", help="keep `serve` running where systemd is absent (restart, back-off)")
+    sp.add_argument("--deploy-dir", required=True, help="the deploy folder (pidfile, state and serve.log in "
+                                                        "<deploy-dir>/service/)")
+    sp.add_argument("--stop", action="store_true", help="stop the running supervisor (and its serve) and exit")
+    sp.add_argument("--log-max-mb", type=float, help="serve.log size cap per file, MB (default 5; one backup)")
+    sp.add_argument("--backoff-initial-s", type=float, help="first restart delay (default 1; doubles per failure)")
+    sp.add_argument("--backoff-max-s", type=float, help="restart delay cap (default 60)")
+    sp.add_argument("--stable-after-s", type=float, help="healthy this long resets the back-off (default 30)")
+    sp.add_argument("--start-timeout-s", type=float, help="healthy within this after a start, else restart "
+                                                          "(default 120; 0 = no limit)")
+    sp.add_argument("--watchdog-s", type=float, help="unhealthy this long after being healthy: restart "
+                                                     "(default 60; 0 = off)")
+    sp.add_argument("--stop-timeout-s", type=float, help="SIGTERM to SIGKILL delay when stopping serve (default 10)")
+    sp.add_argument("--crash-loop-after", type=int, help="consecutive failures flagged as a crash loop (default 5)")
+    sp.set_defaults(func=cmd_supervise)
     return p
 
 

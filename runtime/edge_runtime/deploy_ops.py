@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -233,20 +235,47 @@ def status(a: Args) -> Dict[str, Any]:
     engines = os.path.join(root, "engines")
     out["engines"] = sorted(n for n in os.listdir(engines) if n.endswith(".engine")) if os.path.isdir(engines) else []
     out["temperature_c"] = max_temperature_c()
+    out["service"] = service_status(root)
     return out
 
 
 def frames(a: Args) -> Dict[str, Any]:
-    """The newest `count` image files in the camera frames folder `dir`, with sha256 and size."""
+    """The newest `count` image files in the camera frames folder `dir`, with sha256 and size.
+
+    Each frame also names its JSON sidecar (`<stem>.json`, written by the runtime's FrameKeeper:
+    time, release, variant, reason, detections) as `sidecar` {name, sha256, size}, or None when
+    it has none. The keeper deletes the oldest frames while this runs, so a file that vanishes
+    between the listing and its hash is left out (an image) or reported without sidecar.
+    """
     d = os.path.abspath(a["dir"])
     if not os.path.isdir(d):
         raise SystemExit("frames folder %s does not exist on the device; is the camera capture running?" % d)
-    found = [(os.path.getmtime(os.path.join(d, n)), n) for n in os.listdir(d)
-             if n.lower().endswith(FRAME_SUFFIXES) and not n.startswith(".") and os.path.isfile(os.path.join(d, n))]
+
+    def describe(name: str) -> Optional[Dict[str, Any]]:
+        path = os.path.join(d, name)
+        try:
+            return {"name": name, "sha256": sha256(path), "size": os.path.getsize(path)}
+        except FileNotFoundError:
+            return None  # deleted by the frame cap a moment ago
+
+    found = []
+    for n in os.listdir(d):
+        if n.lower().endswith(FRAME_SUFFIXES) and not n.startswith("."):
+            try:
+                if os.path.isfile(os.path.join(d, n)):
+                    found.append((os.path.getmtime(os.path.join(d, n)), n))
+            except FileNotFoundError:
+                pass  # deleted by the frame cap between listdir and stat
     chosen = sorted(found, reverse=True)[: a["count"]]
-    return {"dir": d, "available": len(found),
-            "frames": [{"name": n, "sha256": sha256(os.path.join(d, n)), "size": os.path.getsize(os.path.join(d, n))}
-                       for _, n in sorted(chosen, key=lambda t: t[1])]}
+    out = []
+    for _, n in sorted(chosen, key=lambda t: t[1]):
+        entry = describe(n)
+        if entry is None:
+            continue
+        side = os.path.splitext(n)[0] + ".json"
+        entry["sidecar"] = describe(side) if os.path.isfile(os.path.join(d, side)) else None
+        out.append(entry)
+    return {"dir": d, "available": len(found), "frames": out}
 
 
 def device_cli(a: Args, verb: str, args: List[str], timeout: float) -> Dict[str, Any]:
@@ -304,17 +333,628 @@ def activate(a: Args) -> Dict[str, Any]:
             if run["exited"] != 0 or (name == "health" and not healthy(run)):
                 return out
     start = time.time()
+    root = os.path.abspath(a["deploy_dir"])
+    before = {"current": link_target(os.path.join(root, "current")),
+              "previous": link_target(os.path.join(root, "previous"))}
     out["switch"] = switch({"deploy_dir": a["deploy_dir"], "release": a["release"]})
     out["seconds"]["switch"] = round(time.time() - start, 3)
+    service = a.get("service")
+    if service and service.get("enabled") and a.get("bench"):
+        start = time.time()  # the benchmark gets the CPU alone: the service restarts after it anyway
+        try:
+            out["service_stop"] = service_stop({"deploy_dir": root})
+        except (ServiceError, OSError, subprocess.SubprocessError) as e:
+            out["service_stop"] = {"error": str(e)}
+        out["seconds"]["service_stop"] = round(time.time() - start, 3)
     if a.get("bench"):
         run = device_cli(a, a["bench"]["verb"], a["bench"]["args"], a["bench"]["timeout"])
         out["runs"]["bench"] = run
         out["seconds"]["bench"] = run["seconds"]
+    if service:
+        answer = service_activate({"deploy_dir": root, "release": a["release"], "before": before, "service": service})
+        out["service"] = answer
+        out["seconds"].update(answer.get("seconds") or {})
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The detector as a service: service.json, systemd unit or runtime supervisor, /healthz wait
+# --------------------------------------------------------------------------------------------
+
+SERVICE_DIR = "service"  # <deploy_dir>/service/: config, launcher, unit copy, pid/state/log files
+SERVICE_CONFIG = "service.json"  # what `serve` reads (written from inventory.yaml's service section)
+INSTALL_NAME = "install.json"  # which supervisor the last deploy chose (and the unit's name)
+LAUNCHER_NAME = "launch.py"  # systemd's ExecStart: resolves current -> runtime, execs serve there
+SUPERVISOR_LOG = "supervisor.log"  # the runtime supervisor's own stdout/stderr (start errors)
+SYSTEMD_RUN_DIR = "/run/systemd/system"  # exists iff systemd is the running init (sd_booted(3))
+UNIT_DIR = "/etc/systemd/system"
+START_LIMIT_INTERVAL_S = 600  # systemd gives up after START_LIMIT_BURST starts in this window ...
+START_LIMIT_BURST = 20  # ... (a crash loop; `fab status` shows `failed`, the next deploy resets it)
+STOP_TIMEOUT_S = 15.0  # SIGTERM -> SIGKILL for serve (it stops within a few seconds)
+FAIL_AFTER_EXITS = 3  # the deploy stops waiting once the new service has exited this many times
+UNIT_NAME = re.compile(r"\Aedge-defect-[A-Za-z0-9_.-]+\.service\Z")
+RUNTIME_NAME = re.compile(r"\A[0-9a-f]{12}\Z")
+ERROR_LINE = re.compile(r"(?i)\b(error|exception|traceback|fatal|critical)\b")
+
+# Written to <deploy_dir>/service/launch.py; the unit runs `<python> launch.py <deploy_dir>`.
+# systemd cannot derive a working directory from the manifest `current` points at, so this
+# does, then execs serve: the same PID, so Type=notify with NotifyAccess=main sees its READY=1.
+LAUNCHER = '''"""systemd's ExecStart for the edge defect service (written by the fleet deploy; do not edit).
+
+Resolves <deploy_dir>/current to its release and the runtime folder its manifest names, and
+execs `python -m edge_runtime serve` there, keeping this PID (NotifyAccess=main).
+"""
+import json
+import os
+import re
+import sys
+
+
+def main(argv):
+    deploy_dir = os.path.abspath(argv[1])
+    try:
+        release = os.path.basename(os.readlink(os.path.join(deploy_dir, "current")))
+        with open(os.path.join(deploy_dir, "releases", release, "manifest.json")) as f:
+            runtime = json.load(f)["source"]["runtime"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        sys.stderr.write("error: no usable current release in %s (%s); deploy one with fab deploy\\n" % (deploy_dir, e))
+        return 2
+    folder = os.path.join(deploy_dir, "runtime", str(runtime))
+    if not re.match(r"\\A[0-9a-f]{12}\\Z", str(runtime)) or not os.path.isdir(os.path.join(folder, "edge_runtime")):
+        sys.stderr.write("error: release %s names runtime %r, which is not on the device; redeploy\\n"
+                         % (release, runtime))
+        return 2
+    os.chdir(folder)
+    os.execv(sys.executable, [sys.executable, "-m", "edge_runtime", "serve", "--deploy-dir", deploy_dir,
+                              "--release", os.path.join(deploy_dir, "releases", release)] + argv[2:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
+'''
+
+
+class ServiceError(RuntimeError):
+    """A service step failed; the message says what and how to fix it (reported, never a traceback)."""
+
+
+def _service_path(root: str, name: str) -> str:
+    return os.path.join(root, SERVICE_DIR, name)
+
+
+def _write_atomic(path: str, text: str, mode: int = 0o644) -> bool:
+    """Write `text` via a temp file and os.replace; False (nothing written) when it is already there."""
+    try:
+        with open(path) as f:
+            if f.read() == text:
+                return False
+    except OSError:
+        pass
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = "%s.tmp-%d" % (path, os.getpid())
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+    return True
+
+
+def _read_json(path: str) -> Optional[Dict[str, Any]]:
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+        return doc if isinstance(doc, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def systemd_running() -> bool:
+    """systemd is the init system here (the check sd_booted(3) does)."""
+    return os.path.isdir(SYSTEMD_RUN_DIR)
+
+
+def choose_supervisor(spec: Args) -> str:
+    """`systemd` or `runtime` for the inventory's `auto`/`systemd`/`runtime`."""
+    wanted = spec.get("supervisor", "auto")
+    if wanted == "runtime":
+        return "runtime"
+    if systemd_running():
+        return "systemd"
+    if wanted == "systemd":
+        raise ServiceError("service.supervisor is systemd but systemd is not running on this device (no %s); set "
+                           "service.supervisor to auto or runtime" % SYSTEMD_RUN_DIR)
+    return "runtime"
+
+
+def _seconds(value: float) -> str:
+    return ("%.3f" % float(value)).rstrip("0").rstrip(".") + "s"
+
+
+def unit_text(spec: Args, root: str, python: str, user: str) -> str:
+    """The systemd unit for this deploy dir: serve on the current release, restarted on failure.
+
+    Every value comes from the validated inventory or the device itself (no whitespace or shell
+    syntax); `%` is doubled because systemd expands %-specifiers in unit files.
+    """
+    def esc(value: Any) -> str:
+        return str(value).replace("%", "%%")
+
+    launcher = _service_path(root, LAUNCHER_NAME)
+    device = spec.get("config", {}).get("device", "") or os.path.basename(root)
+    lines = [
+        "# Written by the fleet deploy (fab deploy) for %s: change inventory.yaml's service section, not this file."
+        % esc(device),
+        "[Unit]",
+        "Description=Edge defect detector service (%s, %s)" % (esc(device), esc(root)),
+        "After=network-online.target",
+        "Wants=network-online.target",
+        "StartLimitIntervalSec=%d" % START_LIMIT_INTERVAL_S,
+        "StartLimitBurst=%d" % START_LIMIT_BURST,
+        "",
+        "[Service]",
+        "Type=notify",
+        "NotifyAccess=main",
+        "User=%s" % esc(user),
+        "WorkingDirectory=%s" % esc(root),
+        "ExecStart=%s %s %s" % (esc(python), esc(launcher), esc(root)),
+        "Restart=always",
+        "RestartSec=%s" % _seconds(spec.get("restart_s", 5.0)),
+        "TimeoutStartSec=%s" % _seconds(spec.get("healthy_timeout_s", 60.0)),
+        "TimeoutStopSec=%s" % _seconds(STOP_TIMEOUT_S),
+    ]
+    if float(spec.get("watchdog_s", 0) or 0) > 0:
+        lines.append("WatchdogSec=%s" % _seconds(spec["watchdog_s"]))
+    lines += [
+        "Environment=PYTHONUNBUFFERED=1",
+        "SyslogIdentifier=%s" % esc(spec["unit"][: -len(".service")]),
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _run(cmd: List[str], timeout: float = 60.0) -> "subprocess.CompletedProcess[str]":
+    return subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=timeout)
+
+
+SUDO_HELP = ("the deploy user needs root for systemd: log in as root, or allow passwordless sudo for systemctl "
+             "and install (e.g. /etc/sudoers.d/edge-defect: `%s ALL=(root) NOPASSWD: /usr/bin/systemctl, "
+             "/usr/bin/install`), or set service.supervisor: runtime in inventory.yaml")
+
+
+def _privileged(cmd: List[str]) -> "subprocess.CompletedProcess[str]":
+    """Run `cmd` as root: directly when we are root, else through `sudo -n` (never a password prompt)."""
+    full = cmd if os.geteuid() == 0 else ["sudo", "-n"] + cmd
+    try:
+        p = _run(full)
+    except OSError as e:
+        raise ServiceError("cannot run %s (%s); %s" % (full[0], e, SUDO_HELP % _user())) from None
+    if p.returncode != 0:
+        err = (p.stderr or p.stdout).strip().splitlines()
+        line = err[-1] if err else "exit %d" % p.returncode
+        if full[0] == "sudo" and ("password" in line or line.startswith("sudo:")):
+            raise ServiceError("`sudo -n %s` refused (%s): %s" % (" ".join(cmd), line, SUDO_HELP % _user()))
+        raise ServiceError("`%s` failed: %s" % (" ".join(cmd), line))
+    return p
+
+
+def _user() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
+def _unit_show(unit: str) -> Dict[str, str]:
+    """A few properties of the unit (`systemctl show` needs no root)."""
+    try:
+        p = _run(["systemctl", "show", unit, "-p", "ActiveState", "-p", "SubState", "-p", "Result",
+                  "-p", "NRestarts", "-p", "MainPID", "-p", "ExecMainStatus"], timeout=15)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return dict(line.split("=", 1) for line in p.stdout.splitlines() if "=" in line)
+
+
+def _journal_error(unit: str) -> str:
+    """The unit's last error-looking journal line ("" where the journal is not readable for us)."""
+    try:
+        p = _run(["journalctl", "-u", unit, "-n", "200", "-o", "cat", "--no-pager", "-q"], timeout=15)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return _last_error_line(p.stdout.splitlines())
+
+
+def _last_error_line(lines: List[str]) -> str:
+    picked = ""
+    for line in lines:
+        text = line.strip()
+        if text and ERROR_LINE.search(text) and " supervisor[" not in text:
+            picked = text
+    return picked[:500]
+
+
+def install_unit(spec: Args, root: str) -> Dict[str, Any]:
+    """Write the launcher and the unit, install it, daemon-reload, enable, restart (without blocking)."""
+    unit = spec["unit"]
+    if not UNIT_NAME.match(unit):
+        raise ServiceError("unit name %r is not edge-defect-<host>.service" % unit)
+    _write_atomic(_service_path(root, LAUNCHER_NAME), LAUNCHER)
+    text = unit_text(spec, root, sys.executable, _user())
+    copy = _service_path(root, unit)
+    _write_atomic(copy, text)
+    target = os.path.join(UNIT_DIR, unit)
+    try:
+        with open(target) as f:
+            installed = f.read() == text
+    except OSError:
+        installed = False
+    if not installed:
+        _privileged(["install", "-m", "0644", copy, target])
+        _privileged(["systemctl", "daemon-reload"])
+    _privileged(["systemctl", "enable", "--quiet", unit])
+    _privileged(["systemctl", "reset-failed", unit])  # a crash loop that hit StartLimitBurst starts afresh
+    restarts = _unit_show(unit).get("NRestarts", "0")
+    _privileged(["systemctl", "--no-block", "restart", unit])  # Type=notify: waiting is service_wait's job
+    return {"action": "restart", "unit": unit, "unit_updated": not installed,
+            "n_restarts": int(restarts) if restarts.isdigit() else 0}
+
+
+def _supervisor_pid(root: str) -> Optional[int]:
+    """The pid holding <deploy_dir>/service/supervisor.pid's lock (the runtime supervisor), or None."""
+    import fcntl
+
+    path = _service_path(root, "supervisor.pid")
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            with open(path) as f:
+                text = f.read().strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _stop_runtime_supervisor(root: str, timeout: float = STOP_TIMEOUT_S + 10.0) -> Dict[str, Any]:
+    pid = _supervisor_pid(root)
+    if pid is None:
+        return {"stopped": False, "was_running": False}
+    if pid <= 0:
+        raise ServiceError("%s is locked but names no pid; stop that supervisor by hand" %
+                           _service_path(root, "supervisor.pid"))
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return {"stopped": True, "was_running": False}
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if _supervisor_pid(root) is None:
+            return {"stopped": True, "was_running": True, "pid": pid}
+        time.sleep(0.05)
+    raise ServiceError("the supervisor (pid %d) did not stop within %g s" % (pid, timeout))
+
+
+def _current_runtime(root: str) -> Tuple[str, str]:
+    """(release, runtime folder) of `current`; ServiceError when there is none."""
+    release = link_target(os.path.join(root, "current"))
+    manifest = _read_json(os.path.join(root, "releases", release or "-", "manifest.json"))
+    runtime = str(((manifest or {}).get("source") or {}).get("runtime", ""))
+    folder = os.path.join(root, "runtime", runtime)
+    if release is None or not RUNTIME_NAME.match(runtime) or not os.path.isdir(folder):
+        raise ServiceError("no usable current release in %s to run the service on" % root)
+    return release, folder
+
+
+def supervise_options(spec: Args) -> Dict[str, float]:
+    """The supervisor's timings from the inventory (what its supervisor.json echoes as `options`)."""
+    return {"start_timeout_s": float(spec.get("healthy_timeout_s", 60.0)),
+            "watchdog_s": float(spec.get("watchdog_s", 0.0) or 0.0),
+            "backoff_initial_s": float(spec.get("restart_s", 5.0)), "stop_timeout_s": STOP_TIMEOUT_S}
+
+
+def supervise_command(spec: Args, root: str) -> List[str]:
+    """`python -m edge_runtime supervise ...` with the inventory's timings."""
+    cmd = [sys.executable, "-m", RUNTIME_MODULE, "supervise", "--deploy-dir", root]
+    for name, value in sorted(supervise_options(spec).items()):
+        cmd += ["--" + name.replace("_", "-"), repr(value)]
+    return cmd
+
+
+def start_runtime_supervisor(spec: Args, root: str) -> Dict[str, Any]:
+    """SIGHUP the running supervisor (serve restarts on the new current), or start one, detached.
+
+    A supervisor running other code (another runtime) or other settings is replaced, so its own
+    code and timings follow the release. Started with its own session (setsid): it outlives the
+    SSH command and never holds the SSH channel (its output goes to service/supervisor.log).
+    """
+    _release, folder = _current_runtime(root)
+    cmd = supervise_command(spec, root)
+    pid = _supervisor_pid(root)
+    if pid is not None and pid > 0:
+        st = _read_json(_service_path(root, "supervisor.json")) or {}
+        same = st.get("supervisor_pid") == pid and st.get("supervisor_runtime") == os.path.basename(folder) \
+            and st.get("options") == supervise_options(spec)
+        if same:
+            os.kill(pid, signal.SIGHUP)
+            return {"action": "hup", "pid": pid, "generation": int(st.get("generation") or 0) + 1}
+        _stop_runtime_supervisor(root)
+    log_path = _service_path(root, SUPERVISOR_LOG)
+    if os.path.isfile(log_path) and os.path.getsize(log_path) > (1 << 20):
+        os.replace(log_path, log_path + ".1")
+    with open(log_path, "ab") as log:
+        p = subprocess.Popen(cmd, cwd=folder, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True, close_fds=True)
+    deadline = time.time() + 20.0
+    while time.time() < deadline:
+        if p.poll() is not None:
+            with open(log_path, errors="replace") as f:
+                tail = [ln.strip() for ln in f.read().splitlines() if ln.strip()]
+            raise ServiceError("the supervisor exited %s at once: %s"
+                               % (p.returncode, tail[-1] if tail else "no output"))
+        if _supervisor_pid(root) == p.pid:
+            return {"action": "start", "pid": p.pid, "generation": 0}
+        time.sleep(0.05)
+    raise ServiceError("the supervisor (pid %d) did not take %s within 20 s"
+                       % (p.pid, _service_path(root, "supervisor.pid")))
+
+
+def service_stop(a: Args) -> Dict[str, Any]:
+    """Stop the service of this deploy dir, whichever supervisor runs it; `disable` also drops boot start."""
+    root = os.path.abspath(a["deploy_dir"])
+    install = _read_json(_service_path(root, INSTALL_NAME)) or {}
+    out: Dict[str, Any] = {"supervisor": install.get("supervisor")}
+    out["runtime"] = _stop_runtime_supervisor(root)
+    unit = install.get("unit")
+    if install.get("supervisor") == "systemd" and unit and UNIT_NAME.match(unit) and systemd_running():
+        _privileged(["systemctl", "disable", "--now", "--quiet", unit] if a.get("disable")
+                    else ["systemctl", "stop", unit])
+        out["systemd"] = {"unit": unit, "stopped": True, "disabled": bool(a.get("disable"))}
+    return out
+
+
+def _health_url(root: str) -> Optional[str]:
+    cfg = _read_json(_service_path(root, SERVICE_CONFIG)) or {}
+    try:
+        bind, port = str(cfg.get("http_bind") or "127.0.0.1"), int(cfg["http_port"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(bind, bind)
+    return "http://[%s]:%d/healthz" % (host, port) if ":" in host else "http://%s:%d/healthz" % (host, port)
+
+
+def get_health(url: str, timeout: float = 2.0) -> Tuple[Optional[Dict[str, Any]], str]:
+    """(/healthz JSON or None, what answered) -- 503 still has the JSON body that says why."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            body = resp.read()
+    except urllib.error.HTTPError as e:
+        body = e.read()
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        return None, "no answer on %s (%s)" % (url, getattr(e, "reason", e))
+    try:
+        doc = json.loads(body.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None, "%s answered something that is not JSON" % url
+    if not isinstance(doc, dict):
+        return None, "%s answered something that is not a JSON object" % url
+    words = ["/healthz %s" % doc.get("status", "?")]
+    if doc.get("problems"):
+        words.append("; ".join(str(p) for p in doc["problems"]))
+    if doc.get("last_error"):
+        words.append("last error: %s" % doc["last_error"])
+    return doc, ": ".join(words)
+
+
+def _log_error(root: str, kind: str, unit: Optional[str]) -> str:
+    """The service's last error line: the journal (systemd) or serve.log (runtime supervisor)."""
+    if kind == "systemd" and unit:
+        return _journal_error(unit)
+    st = _read_json(_service_path(root, "supervisor.json")) or {}
+    if st.get("last_error"):
+        return str(st["last_error"])
+    lines: List[str] = []
+    for name in ("serve.log.1", "serve.log"):
+        try:
+            with open(_service_path(root, name), errors="replace") as f:
+                lines += f.read().splitlines()[-400:]
+        except OSError:
+            pass
+    return _last_error_line(lines)
+
+
+def _gave_up(root: str, kind: str, release: str, started: Dict[str, Any]) -> str:
+    """Why waiting longer is pointless (the new service keeps exiting), or ""."""
+    if kind == "systemd":
+        show = _unit_show(started.get("unit", ""))
+        restarts = show.get("NRestarts", "0")
+        n = (int(restarts) if restarts.isdigit() else 0) - int(started.get("n_restarts") or 0)
+        if show.get("ActiveState") == "failed" or n >= FAIL_AFTER_EXITS:
+            return "systemd unit %s is %s after %d restart(s) (result %s, exit status %s)" % (
+                started.get("unit"), show.get("ActiveState"), n, show.get("Result"), show.get("ExecMainStatus"))
+        return ""
+    pid = _supervisor_pid(root)
+    if pid is None:
+        return "the supervisor is not running (see %s)" % _service_path(root, SUPERVISOR_LOG)
+    st = _read_json(_service_path(root, "supervisor.json")) or {}
+    if st.get("supervisor_pid") != started.get("pid") or int(st.get("generation") or 0) < started.get("generation", 0):
+        return ""  # the supervisor has not taken our restart yet
+    exit_ = st.get("last_exit") or {}
+    if int(st.get("consecutive_failures") or 0) >= FAIL_AFTER_EXITS and exit_.get("release") == release:
+        return "serve exited %d times on release %s (last: exit %s)" % (st["consecutive_failures"], release,
+                                                                       exit_.get("code"))
+    return ""
+
+
+def service_wait(a: Args) -> Dict[str, Any]:
+    """Poll /healthz until it answers ok for `release`, the service gives up, or `timeout` passes."""
+    root = os.path.abspath(a["deploy_dir"])
+    release, kind, started = a["release"], a["supervisor"], a.get("started") or {}
+    old_pid = a.get("old_pid")  # the serve that answered before the restart: its answer does not count
+    url = _health_url(root)
+    start = time.time()
+    deadline = start + float(a["timeout"])
+    doc: Optional[Dict[str, Any]] = None
+    text, gave_up = "no service.json with http_port in %s" % _service_path(root, ""), ""
+    got: Optional[Dict[str, Any]] = None
+    while url is not None:
+        got, text = get_health(url)
+        doc = got or doc
+        if got and got.get("ok") is True and got.get("release") == release and (old_pid is None
+                                                                                 or got.get("pid") != old_pid):
+            return {"ok": True, "seconds": round(time.time() - start, 3), "health": got, "reason": ""}
+        gave_up = _gave_up(root, kind, release, started)
+        if gave_up or time.time() >= deadline:
+            break
+        time.sleep(0.25)
+    if doc and doc.get("release") not in (None, release):
+        text = "/healthz still answers for release %s, not %s (%s)" % (doc.get("release"), release, text)
+    elif doc and not got:
+        text = "%s; earlier %s" % (text, doc.get("status"))
+    why = gave_up or "not healthy within %g s" % float(a["timeout"])
+    log = _log_error(root, kind, started.get("unit"))
+    reason = "%s: %s; %s" % (why, log, text) if log else "%s: %s" % (why, text)
+    return {"ok": False, "seconds": round(time.time() - start, 3), "health": doc, "reason": reason}
+
+
+def _start_service(spec: Args, root: str, kind: str) -> Dict[str, Any]:
+    if kind == "systemd":
+        _stop_runtime_supervisor(root)  # switching from the runtime supervisor: never two services
+        return install_unit(spec, root)
+    install = _read_json(_service_path(root, INSTALL_NAME)) or {}
+    if install.get("supervisor") == "systemd" and install.get("unit") and systemd_running():
+        _privileged(["systemctl", "disable", "--now", "--quiet", install["unit"]])  # the other way round
+    return start_runtime_supervisor(spec, root)
+
+
+def service_restart(a: Args) -> Dict[str, Any]:
+    """Write service.json, (re)start the service on `current` and wait for /healthz ok on `release`.
+
+    `a`: deploy_dir, release, service (the spec the workstation built: enabled, supervisor, unit,
+    config, healthy_timeout_s, watchdog_s, restart_s). Never raises: failures are the answer's
+    `ok: false` and `reason`.
+    """
+    root = os.path.abspath(a["deploy_dir"])
+    spec = a["service"]
+    out: Dict[str, Any] = {"ok": False, "reason": "", "health": None, "supervisor": None, "seconds": {}}
+    start = time.time()
+    try:
+        kind = choose_supervisor(spec)
+        out["supervisor"] = kind
+        config = dict(spec["config"], frames_dir=os.path.abspath(spec["config"]["frames_dir"]))  # home-relative
+        _write_atomic(_service_path(root, SERVICE_CONFIG), json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _write_atomic(_service_path(root, INSTALL_NAME), json.dumps(
+            {"supervisor": kind, "unit": spec["unit"] if kind == "systemd" else None}, sort_keys=True) + "\n")
+        url = _health_url(root)
+        before, _ = get_health(url, timeout=1.0) if url else (None, "")
+        started = _start_service(spec, root, kind)
+        out["started"] = started
+        out["seconds"]["service_start"] = round(time.time() - start, 3)
+        waited = service_wait({"deploy_dir": root, "release": a["release"], "supervisor": kind, "started": started,
+                               "timeout": spec["healthy_timeout_s"], "old_pid": (before or {}).get("pid")})
+        out["seconds"]["service_wait"] = waited["seconds"]
+        out.update(ok=waited["ok"], reason=waited["reason"], health=waited["health"])
+    except (ServiceError, OSError, subprocess.SubprocessError) as e:
+        out["reason"] = str(e)
+        out["seconds"].setdefault("service_start", round(time.time() - start, 3))
+    return out
+
+
+def service_activate(a: Args) -> Dict[str, Any]:
+    """After a switch to `release`: start the service on it; if it does not come up healthy, put the
+    links back as they were before (`before`: {current, previous}) and restart the service there.
+
+    With the service disabled, stops (and disables) a service left from an earlier deploy. The
+    answer: ok, reason, health, supervisor, seconds and, after a failure, `rollback` (the release
+    it went back to, or None when there was none: then `current` is removed and nothing serves).
+    """
+    root = os.path.abspath(a["deploy_dir"])
+    spec = a["service"]
+    release = a["release"]
+    if not spec.get("enabled"):
+        try:
+            return {"enabled": False, "ok": True, "stopped": service_stop({"deploy_dir": root, "disable": True}),
+                    "seconds": {}}
+        except (ServiceError, OSError, subprocess.SubprocessError) as e:
+            return {"enabled": False, "ok": False, "reason": "could not stop the service: %s" % e, "seconds": {}}
+    out = dict(service_restart(a), enabled=True, rollback=None)
+    if out["ok"]:
+        return out
+    before = a.get("before") or {}
+    back = before.get("current")
+    if back == release:
+        return out  # a redeploy of the release that was already live: nothing to go back to
+    start = time.time()
+    if back and os.path.isfile(os.path.join(root, "releases", back, "manifest.json")):
+        set_link(os.path.join(root, "current"), os.path.join("releases", back))
+        if before.get("previous"):
+            set_link(os.path.join(root, "previous"), os.path.join("releases", before["previous"]))
+        elif os.path.lexists(os.path.join(root, "previous")):
+            os.unlink(os.path.join(root, "previous"))
+        fsync_dir(root)
+        again = service_restart(dict(a, release=back))
+        out["rollback"] = {"release": back, "ok": again["ok"], "reason": again["reason"], "health": again["health"]}
+    else:  # the first release on this device: no older one to serve, so none is left current
+        for name in ("current", "previous"):
+            if os.path.lexists(os.path.join(root, name)) and not before.get(name):
+                os.unlink(os.path.join(root, name))
+        fsync_dir(root)
+        try:
+            service_stop({"deploy_dir": root})
+            out["rollback"] = {"release": None, "ok": True, "reason": "", "health": None}
+        except (ServiceError, OSError, subprocess.SubprocessError) as e:
+            out["rollback"] = {"release": None, "ok": False, "reason": str(e), "health": None}
+    out["seconds"]["rollback"] = round(time.time() - start, 3)
+    return out
+
+
+def service_status(root: str) -> Dict[str, Any]:
+    """What `fab status` shows of the service: supervisor, running, release, FPS, restarts, last error."""
+    install = _read_json(_service_path(root, INSTALL_NAME))
+    if install is None:
+        return {"configured": False}
+    kind, unit = install.get("supervisor"), install.get("unit")
+    out: Dict[str, Any] = {"configured": True, "supervisor": kind, "unit": unit}
+    if kind == "systemd" and unit:
+        show = _unit_show(unit)
+        out.update(active=show.get("ActiveState", "unknown"), running=show.get("ActiveState") == "active",
+                   pid=int(show["MainPID"]) if show.get("MainPID", "").isdigit() else None,
+                   restarts=int(show["NRestarts"]) if show.get("NRestarts", "").isdigit() else None)
+    else:
+        pid = _supervisor_pid(root)
+        st = _read_json(_service_path(root, "supervisor.json")) or {}
+        running = pid is not None and st.get("child_pid") is not None
+        out.update(active="active" if running else ("activating" if pid else "inactive"), running=running,
+                   supervisor_pid=pid, pid=st.get("child_pid") if pid else None, restarts=st.get("restarts"),
+                   crash_loop=st.get("crash_loop"), last_exit_code=st.get("last_exit_code"))
+    url = _health_url(root)
+    doc, text = get_health(url, timeout=2.0) if url else (None, "no service.json")
+    out["healthz"] = doc
+    out["health"] = text
+    if doc:
+        out.update(ok=doc.get("ok") is True, status=doc.get("status"), release=doc.get("release"), fps=doc.get("fps"))
+    else:
+        out.update(ok=False, status="down", release=None, fps=None)
+    out["last_error"] = (doc or {}).get("last_error") or _log_error(root, str(kind), unit)
     return out
 
 
 OPS: Dict[str, Callable[[Args], Dict[str, Any]]] = {
     "probe": probe, "publish": publish, "switch": switch, "status": status, "frames": frames, "activate": activate,
+    "service_restart": service_restart, "service_activate": service_activate, "service_stop": service_stop,
+    "service_wait": service_wait,
 }
 
 

@@ -203,22 +203,59 @@ def test_unknown_host_key_refused_unless_opted_in(sshd_fleet: Any, fleet_models:
 
 @pytest.mark.ssh
 def test_collect_frames_round_trip(sshd_fleet: Any, tmp_path: Path) -> None:
+    import cv2
+    import numpy as np
+
+    from edge_runtime.detector import StageTimes
+    from edge_runtime.frame_keeper import FrameKeeper
+    from edge_runtime.postprocess import Detections
+    from edge_runtime.realtime import Frame, Result
+    from pipeline.stages.camera import ingest_frames
+
     pi = sshd_fleet.start("pi1")
     inv = sshd_fleet.inventory({"pis": [(pi, {})]})
     frames = pi.deploy_dir / "frames"  # what the device's camera capture writes (no CSI camera here)
     frames.mkdir()
-    for i in range(5):
-        (frames / f"frame_{i:03d}.jpg").write_bytes(os.urandom(2000 + i))
+    rng = np.random.default_rng(0)
+    images = [np.clip(rng.normal(120 + 10 * i, 15, (96, 128, 3)), 0, 255).astype(np.uint8) for i in range(5)]
+    for i in range(2):  # a plain capture's frames: no sidecar
+        cv2.imwrite(str(frames / f"frame_{i:03d}.jpg"), images[i])
         os.utime(frames / f"frame_{i:03d}.jpg", (1_000_000 + i, 1_000_000 + i))
-    dest = tmp_path / "camera"
-    r = _by_host(runner.collect_frames(load_inventory(inv), group="pis", count=3, camera_dir=dest))["pi1"]
+    # The service's FrameKeeper: frames with JSON sidecars (periodic, every 1 s of the injected clock).
+    clock = [1_714_564_984.0]
+    keeper = FrameKeeper(frames, every_s=1, band=None, release="abc123def456", class_names=["scratch"],
+                         clock=lambda: clock[0])
+    det = Detections(np.array([[5.0, 6.0, 40.0, 50.0]], np.float32), np.array([0.8], np.float32), np.zeros(1, np.int64))
+    for i in range(2, 5):
+        clock[0] += 1
+        keeper(Result(Frame(i, images[i], 0.0, 0.0), det, "int8", 0.0, 0.0, StageTimes(0.0, 0.0, 0.0)))
+    kept = keeper.stored()
+    assert len(kept) == 5 and kept[:2] == ["frame_000.jpg", "frame_001.jpg"]
+    for i, name in enumerate(kept[2:], start=2):  # device mtimes in capture order, newest last
+        for f in (frames / name, (frames / name).with_suffix(".json")):
+            os.utime(f, (1_000_000 + i, 1_000_000 + i))
+
+    dest, meta = tmp_path / "camera", tmp_path / "camera-meta"
+    r = _by_host(runner.collect_frames(load_inventory(inv), group="pis", count=4, camera_dir=dest))["pi1"]
     assert r.ok, r.error
     got = sorted(p.name for p in (dest / "pi1").iterdir())
-    assert got == ["frame_002.jpg", "frame_003.jpg", "frame_004.jpg"]  # the newest three
+    assert got == sorted(kept[1:])  # the newest four: one plain frame and three with sidecars; images only
     for name in got:
         assert (dest / "pi1" / name).read_bytes() == (frames / name).read_bytes()
-    again = _by_host(runner.collect_frames(load_inventory(inv), group="pis", count=3, camera_dir=dest))["pi1"]
-    assert again.bytes_sent == 0  # already here, verified by sha256
+    sidecars = sorted(p.name for p in (meta / "pi1").iterdir())  # meta_dir defaults to camera_dir's sibling
+    assert sidecars == sorted(Path(n).with_suffix(".json").name for n in kept[2:])
+    for name in sidecars:
+        assert (meta / "pi1" / name).read_bytes() == (frames / name).read_bytes()
+        doc = json.loads((meta / "pi1" / name).read_text())
+        assert doc["release"] == "abc123def456" and doc["image"] == Path(name).with_suffix(".jpg").name
+        assert doc["detections"][0]["name"] == "scratch"
+    assert r.details["frames"] == 4 and r.details["sidecars"] == 3
+    again = _by_host(runner.collect_frames(load_inventory(inv), group="pis", count=4, camera_dir=dest))["pi1"]
+    assert again.bytes_sent == 0  # already here (frames and sidecars), verified by sha256
+
+    # The camera stage's ingest accepts what was pulled: data/camera/<host>/ holds images only.
+    stats = ingest_frames(dest, tmp_path / "camera_frames", video_fps=1.0)
+    assert stats["pi1"].frames == 4 and (stats["pi1"].width, stats["pi1"].height) == (128, 96)
 
 
 def test_local_group_without_ssh(fleet_models: dict[str, Any], tmp_path: Path) -> None:

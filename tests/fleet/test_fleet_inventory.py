@@ -270,3 +270,146 @@ def test_fleet_imports_no_heavy_modules() -> None:
             % str(REPO))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# The service section
+# --------------------------------------------------------------------------------------------
+
+SERVICE: dict[str, Any] = {"enabled": True, "supervisor": "auto", "source": "0", "fps": None, "http_bind": "127.0.0.1",
+                           "http_port": 8765, "stall_s": 10.0, "jsonl_max_mb": 50, "jsonl_backups": 5,
+                           "mqtt_host": "", "mqtt_port": 1883, "mqtt_topic": "", "mqtt_queue": 1000,
+                           "frames_every_s": 60.0, "frames_band": [0.25, 0.5], "frames_max_files": 2000,
+                           "frames_max_mb": 500, "actuator": "", "variant": None, "healthy_timeout_s": 60,
+                           "watchdog_s": 30, "restart_s": 5}
+
+
+def _with_service(**host_service: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(BASE)
+    doc["defaults"]["service"] = copy.deepcopy(SERVICE)
+    if host_service:
+        doc["groups"]["pis"]["hosts"]["pi1"]["service"] = host_service
+    return doc
+
+
+def test_service_merged_key_by_key() -> None:
+    doc = _with_service(http_port=9000)  # the host changes one key ...
+    doc["groups"]["pis"]["defaults"]["service"] = {"fps": 15.0, "source": "synthetic:640x480"}  # ... its group two
+    inv = _parse(doc)
+    pi1, pi2 = inv.select("pis")
+    assert (pi1.service.http_port, pi1.service.fps, pi1.service.source) == (9000, 15.0, "synthetic:640x480")
+    assert (pi2.service.http_port, pi2.service.fps) == (8765, 15.0)
+    assert pi1.service.stall_s == 10.0 and pi1.service.frames_band == (0.25, 0.5)  # the rest from the defaults
+    assert inv.select(host="j1")[0].service.source == "0"
+
+
+def test_service_absent_or_disabled() -> None:
+    assert not _parse(copy.deepcopy(BASE)).select(host="pi1")[0].service.enabled  # no section: no service
+    doc = copy.deepcopy(BASE)
+    doc["groups"]["pis"]["hosts"]["pi1"]["service"] = {"enabled": False}  # nothing else needed to opt out
+    assert not _parse(doc).select(host="pi1")[0].service.enabled
+    doc = _with_service(enabled=False, http_port=70000)  # still type-checked when off
+    assert "field 'service.http_port' must be in [1, 65535], got 70000" in _error(doc)
+
+
+def test_service_json_is_what_the_runtime_accepts() -> None:
+    """The deploy writes exactly the fields `serve` reads; the runtime's own check accepts them."""
+    from dataclasses import fields
+
+    from edge_runtime.service_config import ServiceConfig, config_from_json
+
+    host = _parse(_with_service(mqtt_host="broker.local", actuator="plc.gate:reject", variant="640")).select(
+        host="pi1")[0]
+    doc = host.service.config(host.name, host.frames_dir)
+    assert set(doc) == {f.name for f in fields(ServiceConfig)}
+    cfg = config_from_json(doc)
+    assert cfg.device == "pi1" and cfg.frames_dir == "/home/pi/edge/frames" and cfg.frames_band == (0.25, 0.5)
+    assert cfg.topic == "edge-defect/pi1/detections" and cfg.http_bind == "127.0.0.1"
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("http_port", 0, r"'service\.http_port' must be in \[1, 65535\], got 0"),
+    ("mqtt_port", 65536, r"'service\.mqtt_port' must be in \[1, 65535\], got 65536"),
+    ("frames_band", [0.6, 0.4], r"'service\.frames_band' is \[0\.6, 0\.4\]: need 0 <= lo < hi <= 1"),
+    ("frames_band", [0.0, 1.5], r"'service\.frames_band' is \[0, 1\.5\]: need 0 <= lo < hi <= 1"),
+    ("frames_max_files", 0, r"'service\.frames_max_files' must be in \[1, 10000000\], got 0"),
+    ("frames_max_mb", 0.5, r"'service\.frames_max_mb' must be in \[1, 1e\+06\], got 0\.5"),
+    ("jsonl_max_mb", 0, r"'service\.jsonl_max_mb' must be in \[1, 1e\+06\], got 0"),
+    ("mqtt_queue", 0, r"'service\.mqtt_queue' must be in \[1, 10000000\], got 0"),
+    ("jsonl_backups", -1, r"'service\.jsonl_backups' must be in \[0, 1000\], got -1"),
+    ("stall_s", 0, r"'service\.stall_s' must be in \[0\.1, 3600\], got 0"),
+    ("fps", 0, r"'service\.fps' must be in \(0, 1000\], got 0"),
+    ("watchdog_s", 5, r"'service\.watchdog_s' is 5, not above stall_s \(10\)"),
+    ("healthy_timeout_s", 0, r"'service\.healthy_timeout_s' must be in \(0, 3600\], got 0"),
+    ("supervisor", "upstart", r"'service\.supervisor' is 'upstart'; choose one of auto, systemd, runtime"),
+    ("http_port", "8765", r"'service\.http_port' must be an integer, got '8765'"),
+    ("http_bind", "example.com", r"'service\.http_bind' is 'example\.com'; give an IP address"),
+    ("source", "synthetic:640", r"'service\.source' is 'synthetic:640'; a synthetic source is"),
+    ("source", "vids/line.mp4", r"'service\.source' is 'vids/line\.mp4', a relative path"),
+    ("mqtt_topic", "line/#", r"'service\.mqtt_topic' is 'line/#'; use letters"),
+    ("actuator", "plc", r"'service\.actuator' is 'plc'; give module:function"),
+    ("colour", "red", r"unknown field 'service\.colour'; known fields: actuator, enabled"),
+])
+def test_service_values_checked(field: str, value: Any, message: str) -> None:
+    with pytest.raises(InventoryError, match=rf"inventory\.yaml: host 'pi1' \(group 'pis'\): (field )?{message}"):
+        _parse(_with_service(**{field: value}))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("source", "/data/a b.mp4"), ("source", "/data/$(reboot)"), ("mqtt_host", "broker;reboot"),
+    ("mqtt_host", "broker\n"), ("source", "0\n"),
+])
+def test_service_strings_shell_safe(field: str, value: str) -> None:
+    message = _error(_with_service(**{field: value}))
+    assert f"host 'pi1' (group 'pis'): field 'service.{field}'" in message
+    assert "metacharacter" in message or "control characters" in message
+
+
+def test_service_missing_fields_named() -> None:
+    doc = copy.deepcopy(BASE)
+    doc["groups"]["pis"]["hosts"]["pi1"]["service"] = {"source": "0", "http_port": 8000}
+    message = _error(doc)
+    assert "field 'service' is missing stall_s, jsonl_max_mb, jsonl_backups" in message and "restart_s" in message
+    doc = _with_service()
+    doc["defaults"]["service"].pop("source")
+    assert "field 'service.source' is missing: set it in the service section (or set 'enabled: false') (set in " \
+           "the top-level defaults)" in _error(doc)
+
+
+def test_service_port_unique_per_device() -> None:
+    doc = _with_service()
+    doc["groups"]["pis"]["hosts"]["pi2"] = {"address": "10.0.0.1", "deploy_dir": "/home/pi/other"}  # pi1's device
+    assert "hosts 'pi1' (group 'pis') and 'pi2' (group 'pis') both serve on port 8765 of the same device" \
+        in _error(doc)
+    doc["groups"]["pis"]["hosts"]["pi2"]["service"] = {"http_port": 8766}
+    assert len(_parse(doc).hosts()) == 3
+    doc["groups"]["pis"]["hosts"]["pi2"]["service"] = {"http_port": 8765, "enabled": False}  # off: no port taken
+    assert len(_parse(doc).hosts()) == 3
+
+
+def test_service_local_hosts() -> None:
+    doc = _with_service()
+    doc["groups"]["local"] = {"defaults": {"kind": "local", "runtime": "onnxruntime", "precision": "int8",
+                                           "deploy_dir": "build/x", "user": "me"},
+                              "hosts": {"ws": {"service": {"supervisor": "systemd"}}}}
+    assert "host 'ws' (group 'local'): field 'service.supervisor' is systemd, but local hosts" in _error(doc)
+    doc["groups"]["local"]["hosts"]["ws"]["service"] = {"supervisor": "runtime", "source": "clips/line.mp4"}
+    ws = _parse(doc).select(host="ws")[0]
+    assert ws.service.source == "clips/line.mp4"  # relative to the inventory, resolved by the runner
+
+    from pipeline.fleet.runner import resolve_local_host
+
+    inv = _parse(doc)
+    resolved = resolve_local_host(ws, inv)
+    assert resolved.service.source == str(inv.path.resolve().parent / "clips/line.mp4")
+
+
+def test_repo_inventory_service_defaults() -> None:
+    inv = load_inventory(REPO / "inventory.yaml")
+    (local,) = inv.select("local")
+    s = local.service
+    assert s.enabled and s.supervisor == "runtime" and s.source == "synthetic:640x480" and s.fps == 30
+    assert s.http_bind == "127.0.0.1" and s.http_port == 18765
+    pi = inv.select(host="pi-line1")[0].service
+    assert pi.enabled and pi.supervisor == "auto" and pi.http_bind == "127.0.0.1" and pi.source == "0"
+    assert inv.select(host="jetson-orin1")[0].service.healthy_timeout_s > pi.healthy_timeout_s

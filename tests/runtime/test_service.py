@@ -136,7 +136,9 @@ def test_serve_health_metrics_frames_and_clean_sigterm(runtime: Path, deploy: Pa
     port = free_port()
     proc = start_serve(runtime, deploy, service_doc(tmp_path, port), "--summary", str(tmp_path / "summary.json"))
     try:
-        doc = wait_for(lambda: proc.poll() is None and healthy(port), 60, "a healthy /healthz")
+        # fps needs two handled frames in its 5 s window: wait for it rather than for the first 200
+        doc = wait_for(lambda: proc.poll() is None and (d := healthy(port)) is not None and d["fps"] and d, 60,
+                       "a healthy /healthz with an FPS")
         release = load_manifest(deploy / "current").release
         assert doc["release"] == release and doc["variant"] == "big" and doc["pid"] == proc.pid
         assert doc["fps"] > 5 and doc["last_frame_age_s"] < 2 and doc["problems"] == []
