@@ -22,14 +22,16 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import mlflow
 import pytest
 import yaml
 from browser import UI_TIMEOUT_S, artifacts_dir
+from mqtt_broker import free_port
 from support import REPO, run_checked
 
+from edge_runtime.supervisor import stop_supervisor
 from pipeline.tools.repro_check import prepare_workspace, run_env
 from pipeline.tracking.mlflow_runs import DEFAULT_EXPERIMENT, EXPERIMENT_ENV
 
@@ -123,8 +125,13 @@ class TinyPipeline:
 
 
 @pytest.fixture(scope="session")
-def tiny_pipeline(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) -> TinyPipeline:
-    """`dvc repro` on tiny params, `fab deploy --group local`, `dvc repro report`, all into the server."""
+def tiny_pipeline(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyPipeline]:
+    """`dvc repro` on tiny params, `fab deploy --group local`, `dvc repro report`, all into the server.
+
+    The deploy starts the device service under the runtime's supervisor, as `make run` does; it
+    listens on a free port (not the committed one a user's own service may hold) and is stopped
+    after the session.
+    """
     root = tmp_path_factory.mktemp("ui_pipeline")
     ws = prepare_workspace(REPO, root / "repo", from_head=False)
     env = {**run_env(ws), "MLFLOW_TRACKING_URI": mlflow_server.uri}
@@ -136,13 +143,17 @@ def tiny_pipeline(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPath
     local = inventory["groups"]["local"]
     local["defaults"].update(deploy_dir=str(root / "device"), python=sys.executable, bench_warmup=2,
                              bench_iterations=20)
+    local["defaults"]["service"]["http_port"] = free_port()
     inventory["groups"] = {"local": local}
     (root / "inventory.yaml").write_text(yaml.safe_dump(inventory, sort_keys=False))
-    run_checked(["fab", "deploy", "--group", "local", "--inventory", str(root / "inventory.yaml")], ws, env)
-    run_checked(["dvc", "repro", "report"], ws, env)  # a new device result: the report runs again
-    exp = mlflow.MlflowClient(mlflow_server.uri).get_experiment_by_name(DEFAULT_EXPERIMENT)
-    assert exp is not None and exp.tags.get("mlflow.experimentKind") == "custom_model_development"
-    return TinyPipeline(exp.experiment_id, ws, list(yaml.safe_load((ws / "dvc.yaml").read_text())["stages"]))
+    try:
+        run_checked(["fab", "deploy", "--group", "local", "--inventory", str(root / "inventory.yaml")], ws, env)
+        run_checked(["dvc", "repro", "report"], ws, env)  # a new device result: the report runs again
+        exp = mlflow.MlflowClient(mlflow_server.uri).get_experiment_by_name(DEFAULT_EXPERIMENT)
+        assert exp is not None and exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+        yield TinyPipeline(exp.experiment_id, ws, list(yaml.safe_load((ws / "dvc.yaml").read_text())["stages"]))
+    finally:
+        stop_supervisor(root / "device")
 
 
 def test_ui_shows_the_pipeline_runs_and_their_metrics(browser: Any, tiny_pipeline: TinyPipeline,

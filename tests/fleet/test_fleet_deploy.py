@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mqtt_broker import free_port
 
+from edge_runtime.supervisor import stop_supervisor
 from pipeline.fleet import runner
 from pipeline.fleet.inventory import load_inventory
 from pipeline.fleet.results import FleetError, format_table, raise_for_failures
@@ -265,8 +267,16 @@ def test_local_group_without_ssh(fleet_models: dict[str, Any], tmp_path: Path) -
     local = doc["groups"]["local"]
     local["defaults"].update(deploy_dir=str(tmp_path / "device"), python=sys.executable, bench_iterations=3,
                              bench_warmup=1, ort_threads=1)
+    local["defaults"]["service"]["http_port"] = free_port()  # not the committed port a user's service may hold
     doc["groups"] = {"local": local}
     (tmp_path / "inventory.yaml").write_text(yaml.safe_dump(doc))
+    try:
+        _local_group_deploys(tmp_path, fleet_models)
+    finally:
+        stop_supervisor(tmp_path / "device")  # the deploy started the local service
+
+
+def _local_group_deploys(tmp_path: Path, fleet_models: dict[str, Any]) -> None:
     run = _deploy(tmp_path / "inventory.yaml", fleet_models, tmp_path, group="local")
     (r,) = run.results
     assert r.ok and r.outcome == "deployed", r.error

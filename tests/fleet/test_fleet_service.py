@@ -347,3 +347,36 @@ def test_systemd_install_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
                            r"refused \(sudo: a password is required\).*NOPASSWD: /usr/bin/systemctl.*"
                            r"service\.supervisor: runtime"):
             deploy_ops.install_unit(spec, str(deploy))
+
+
+@pytest.mark.slow
+@pytest.mark.ssh
+def test_collect_frames_from_a_serving_device(sshd_fleet: Any, fleet_models: dict[str, Any], tmp_path: Path,
+                                              services: list[Path]) -> None:
+    """The closed loop: the deployed service keeps frames, `collect-frames` pulls the newest with their
+    sidecars, and the camera stage's ingest accepts what arrived."""
+    from pipeline.stages.camera import ingest_frames
+
+    pi = sshd_fleet.start("pi1")
+    port = free_port()
+    inv = sshd_fleet.inventory({"pis": [(pi, {"service": service(port, frames_every_s=0.4, frames_max_files=4)})]})
+    services.append(pi.deploy_dir)
+    r = _deploy(inv, fleet_models["sources"], tmp_path)["pi1"]
+    assert r.ok, r.error
+    frames = pi.deploy_dir / "frames"
+    # The cap (4 files) holds while the service keeps a frame every 0.4 s.
+    wait_for(lambda: healthz(port) and len(list(frames.glob("*.jpg"))) >= 4, 60, "four kept frames")
+    time.sleep(1.5)
+    assert len(list(frames.glob("*.jpg"))) <= 4 and len(list(frames.glob("*.json"))) <= 4
+    camera, meta = tmp_path / "camera", tmp_path / "camera-meta"
+    run = runner.collect_frames(load_inventory(inv), group="pis", count=3, camera_dir=camera, meta_dir=meta)
+    (got,) = run.results
+    assert got.ok and got.details["frames"] == 3, got.error
+    images = sorted((camera / "pi1").glob("*.jpg"))
+    assert len(images) == 3
+    release = healthz(port)["release"]
+    for img in images:
+        sidecar = json.loads((meta / "pi1" / (img.stem + ".json")).read_text())
+        assert sidecar["release"] == release and "detections" in sidecar
+    stats = ingest_frames(camera, tmp_path / "ingested", video_fps=2.0)
+    assert stats["pi1"].frames == 3
