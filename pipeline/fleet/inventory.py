@@ -85,6 +85,9 @@ def _shell_safe(value: str) -> str:
     if not value:
         raise ValueError("is empty; set it")
     _refuse_unsafe(value, value)
+    if value.startswith("-"):  # ssh, python and cd would read it as an option ("-oProxyCommand=...")
+        raise ValueError(f"is {value!r}, which starts with '-' and would be read as a command-line option; "
+                         "give a name or path that does not start with '-'")
     return value
 
 
@@ -113,6 +116,10 @@ def _deploy_dir(value: str) -> str:
         raise ValueError(f"is {value!r}, {what}: the deploy creates, re-links and deletes files under deploy_dir; "
                          "use a folder of its own, e.g. /home/<user>/edge-defect")
     return value
+
+
+def _frames_dir(value: str) -> str:
+    return _deploy_dir(value) if value else value
 
 
 ShellSafe = Annotated[str, AfterValidator(_shell_safe)]
@@ -156,7 +163,8 @@ def _http_bind(value: str) -> str:
         except ValueError:
             raise ValueError(f"is {value!r}; give an IP address of the device (127.0.0.1 = this device only, "
                              "0.0.0.0 = every interface)") from None
-    return value
+    # ipaddress accepts any IPv6 scope id ("fe80::1%<anything>"): the value still reaches a remote command.
+    return _shell_safe(value)
 
 
 def _pattern(regex: re.Pattern[str], what: str) -> Any:
@@ -333,17 +341,19 @@ class _HostFields(_Strict):
     precision: Precision
     deploy_dir: Annotated[str, AfterValidator(_shell_safe), AfterValidator(_deploy_dir)]
     python: ShellSafe
-    ort_threads: int = Field(ge=1)
+    # Upper bounds are the device manifest's (manifest.py): refused here, before any host is contacted.
+    ort_threads: int = Field(ge=1, le=1024)
     # Junction limits of these boards are about 100-105 C: a threshold above 125 would never trigger.
     thermal_throttle_c: float = Field(gt=0.0, le=125.0)
     thermal_resume_c: float = Field(gt=0.0, le=125.0)
-    trt_workspace_mb: int | None = Field(default=None, ge=1)
-    frames_dir: ShellSafeOrEmpty = ""  # "" = <deploy_dir>/frames
-    bench_warmup: int = Field(ge=0)
-    bench_iterations: int = Field(ge=1)
+    trt_workspace_mb: int | None = Field(default=None, ge=1, le=1048576)
+    # The service deletes the oldest files in frames_dir: the deploy_dir rules apply to it too.
+    frames_dir: Annotated[str, AfterValidator(_shell_safe_or_empty), AfterValidator(_frames_dir)] = ""
+    bench_warmup: int = Field(ge=0, le=1_000_000)
+    bench_iterations: int = Field(ge=1, le=10_000_000)
     conf: float = Field(ge=0.0, le=1.0)
     iou: float = Field(ge=0.0, le=1.0)
-    max_det: int = Field(ge=1)
+    max_det: int = Field(ge=1, le=100_000)
     service: ServiceSettings = SERVICE_OFF  # absent = no service (the deploy then only benchmarks)
 
     @model_validator(mode="after")
@@ -404,10 +414,10 @@ class _InventoryDoc(_Strict):
 def _doc_line(path: Path, p: Problem) -> str:
     """A problem of the file's structure (top level, settings, groups) as one message line."""
     if p.kind == "unknown" and len(p.loc) == 1:
-        return f"{path}: unknown top-level key '{p.key}'; use {', '.join(TOP_LEVEL_KEYS)}"
+        return f"{path}: unknown top-level key {p.key!r}; use {', '.join(TOP_LEVEL_KEYS)}"
     if p.kind == "unknown":
-        return f"{path}: unknown key '{p.key}'; valid keys are {', '.join(p.valid)}"
-    return f"{path}: '{p.key}' {p.phrase}"
+        return f"{path}: unknown key {p.key!r}; valid keys are {', '.join(p.valid)}"
+    return f"{path}: {p.key!r} {p.phrase}"
 
 
 def _host_line(path: Path, name: str, group: str, p: Problem, origin: Mapping[str, str]) -> str:
@@ -417,10 +427,11 @@ def _host_line(path: Path, name: str, group: str, p: Problem, origin: Mapping[st
     source = origin.get(field) or origin.get(field.split(".")[0], "the host")
     set_in = f" (set in {source})" if source != "the host" else ""
     if p.kind == "missing":
-        return f"{where}: missing field '{field}'; set it on the host or in the group's defaults"
+        return f"{where}: missing field {field!r}; set it on the host or in the group's defaults"
     if p.kind == "unknown":
-        return f"{where}: unknown field '{field}'{set_in}; known fields: {', '.join(sorted(p.valid))}"
-    return f"{where}: field '{field}' {p.phrase}{set_in}"
+        # repr: a key with a line break or control character stays on this one line, visible
+        return f"{where}: unknown field {field!r}{set_in}; known fields: {', '.join(sorted(p.valid))}"
+    return f"{where}: field {field!r} {p.phrase}{set_in}"
 
 
 def _build_host(path: Path, name: str, group: str, layers: list[tuple[str, Mapping[Any, Any]]],

@@ -287,9 +287,6 @@ def test_any_value_as_a_host_or_group(base: Dict[str, Any], value: Any) -> None:
     check(doc)
 
 
-@pytest.mark.xfail(strict=True, reason="inventory.py: service.http_bind accepts an IPv6 scope id with shell "
-                                       "metacharacters, whitespace or non-ASCII (ipaddress allows any scope id); "
-                                       "when fixed, remove this mark")
 @pytest.mark.parametrize("bind", ["fe80::1%$(reboot)", "fe80::1%a b", "fe80::1%é"])
 def test_http_bind_is_shell_safe(bind: str) -> None:
     """service.http_bind goes to the device inside a remote command: the allow-list should hold for it too."""
@@ -299,9 +296,6 @@ def test_http_bind_is_shell_safe(bind: str) -> None:
         parse_inventory(doc, PATH)  # ... but one the shell-safety rule should refuse
 
 
-@pytest.mark.xfail(strict=True, reason="inventory.py: an unknown key is echoed unquoted ('{p.key}' in _doc_line and "
-                                       "_host_line), so a key with a line break splits one problem over two lines, "
-                                       "the second not naming the file; when fixed, remove this mark")
 @pytest.mark.parametrize("where", ["top", "settings", "group", "host", "service"])
 def test_unknown_keys_with_line_breaks_are_one_line(where: str) -> None:
     doc = copy.deepcopy(tfi.BASE)
