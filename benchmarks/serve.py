@@ -37,7 +37,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # the test suite's mosquitto launcher
 
-from mqtt_broker import Broker, free_port, mosquitto_binary  # noqa: E402
+from mqtt_broker import Broker, mosquitto_binary  # noqa: E402
+from support import free_port  # noqa: E402
 
 from edge_runtime.manifest import load_manifest  # noqa: E402
 from edge_runtime.realtime import RealtimeLoop, SyntheticSource  # noqa: E402

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from support import free_port
 
 STARTUP_TIMEOUT_S = 180.0  # cold start on a loaded 2-core CI machine has taken ~30 s; leave room
 STOP_TIMEOUT_S = 15.0
@@ -52,13 +52,6 @@ def log_tail(log: Path, chars: int = LOG_TAIL_CHARS) -> str:
         return log.read_text(errors="replace")[-chars:]
     except FileNotFoundError:
         return ""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _healthy(uri: str) -> bool:

@@ -6,12 +6,17 @@ Python: `from conftest import ...` gets whichever pytest imported last. Plain he
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import subprocess
+import time
+import urllib.error
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 # One copy of the tiny settings, owned by the reproducibility check (which shrinks params the same
 # way); re-exported here for the tests.
@@ -57,3 +62,33 @@ def run_checked(cmd: Sequence[str], cwd: Path, env: Mapping[str, str], timeout: 
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-4000:]}")
     return proc.stdout + proc.stderr
+
+
+def free_port(address: str = "127.0.0.1") -> int:
+    """A TCP port on `address` that nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((address, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(what: Callable[[], Any], timeout: float = 60.0, message: str = "") -> Any:
+    """Poll `what` until it returns something truthy, and return that; AssertionError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = what()
+        if last:
+            return last
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {message or what} (last: {last!r})")
+
+
+def healthz(port: int, host: str = "127.0.0.1") -> dict[str, Any] | None:
+    """The device service's /healthz document (200 or 503), or None when nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=2) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return json.loads(e.read())
+    except OSError:
+        return None

@@ -28,8 +28,7 @@ import mlflow
 import pytest
 import yaml
 from browser import UI_TIMEOUT_S, artifacts_dir
-from mqtt_broker import free_port
-from support import REPO, run_checked
+from support import REPO, free_port, run_checked
 
 from edge_runtime.supervisor import stop_supervisor
 from pipeline.tools.repro_check import prepare_workspace, run_env

@@ -52,9 +52,11 @@ import cv2
 import numpy as np
 
 from .fileio import atomic_write_bytes
+from .throttled_log import ThrottledWarning
 
 if TYPE_CHECKING:  # only for annotations: realtime may import this module (the serve wiring), no cycle
     from .realtime import Result
+
 
 log = logging.getLogger("edge_runtime.frame_keeper")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")  # what `deploy_ops.frames` lists
@@ -112,8 +114,7 @@ class FrameKeeper:
         self._bytes = 0
         self._last_periodic: Optional[float] = None
         self._last_uncertain: Optional[float] = None
-        self._last_error_log: Optional[float] = None
-        self._errors_unlogged = 0
+        self._errors_log = ThrottledWarning(log, self.clock, ERROR_LOG_INTERVAL_S)
         self.kept_total = 0
         self.kept_uncertain_total = 0
         self.deleted_total = 0
@@ -216,7 +217,7 @@ class FrameKeeper:
                 raise
         except (OSError, ValueError, cv2.error) as e:
             self.write_errors_total += 1
-            self._log_error(now, "frame keeper: could not keep frame %d in %s: %s" % (
+            self._errors_log.warn(now=now, message="frame keeper: could not keep frame %d in %s: %s" % (
                 result.frame.index, self.frames_dir, e))
             return
         self._stored[name] = (len(img_bytes), len(side_bytes))
@@ -250,22 +251,11 @@ class FrameKeeper:
             pass  # an operator cleaned up by hand: the accounting simply forgets it
         except OSError as e:
             self.write_errors_total += 1
-            self._log_error(self.clock(), "frame keeper: could not delete %s: %s" % (self.frames_dir / name, e))
+            self._errors_log.warn("frame keeper: could not delete %s: %s" % (self.frames_dir / name, e))
 
     @staticmethod
     def _sidecar_name(image_name: str) -> str:
         return os.path.splitext(image_name)[0] + SIDECAR_SUFFIX
-
-    def _log_error(self, now: float, message: str) -> None:
-        """Log at most once per minute; say how many were swallowed since (a full disk fails every try)."""
-        if self._last_error_log is not None and 0 <= now - self._last_error_log < ERROR_LOG_INTERVAL_S:
-            self._errors_unlogged += 1
-            return
-        if self._errors_unlogged:
-            message += " (%d more errors not logged in the last minute)" % self._errors_unlogged
-        log.warning(message)
-        self._last_error_log = now
-        self._errors_unlogged = 0
 
     # ------------------------------------------------------------------ reporting
 

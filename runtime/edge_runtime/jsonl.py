@@ -34,8 +34,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence
 
+from .throttled_log import ThrottledWarning
+
 if TYPE_CHECKING:  # only for annotations: realtime may import this module (the serve wiring), no cycle
     from .realtime import Result
+
 
 log = logging.getLogger("edge_runtime.jsonl")
 ERROR_LOG_INTERVAL_S = 60.0
@@ -56,8 +59,7 @@ class RotatingJsonlWriter:
         self.backups = int(backups)
         self.clock = clock
         self._lock = threading.Lock()  # several handlers (or a metrics reader) may share one writer
-        self._last_error_log: Optional[float] = None
-        self._errors_unlogged = 0
+        self._errors_log = ThrottledWarning(log, self.clock, ERROR_LOG_INTERVAL_S)
         self.lines_total = 0
         self.rotations_total = 0
         self.bytes_total = 0
@@ -117,7 +119,7 @@ class RotatingJsonlWriter:
         with self._lock:
             if len(data) > self.max_bytes:
                 self.lines_dropped_total += 1
-                self._log_error("jsonl: dropped a %d-byte line, longer than max_bytes %d (%s)"
+                self._errors_log.warn("jsonl: dropped a %d-byte line, longer than max_bytes %d (%s)"
                                 % (len(data), self.max_bytes, self.path))
                 return False
             try:
@@ -128,7 +130,7 @@ class RotatingJsonlWriter:
                 self._append(data)
             except OSError as e:
                 self.write_errors_total += 1
-                self._log_error("jsonl: could not write to %s: %s" % (self.path, e))
+                self._errors_log.warn("jsonl: could not write to %s: %s" % (self.path, e))
                 return False
             self.lines_total += 1
             self.bytes_total += len(data)
@@ -150,18 +152,6 @@ class RotatingJsonlWriter:
                     pass  # the next open cuts the torn line instead
             raise
         self._size += len(data)
-
-    def _log_error(self, message: str) -> None:
-        """Log at most once per minute, with the count of errors swallowed since."""
-        now = self.clock()
-        if self._last_error_log is not None and 0 <= now - self._last_error_log < ERROR_LOG_INTERVAL_S:
-            self._errors_unlogged += 1
-            return
-        if self._errors_unlogged:
-            message += " (%d more not logged in the last minute)" % self._errors_unlogged
-        log.warning(message)
-        self._last_error_log = now
-        self._errors_unlogged = 0
 
     def counters(self) -> Dict[str, float]:
         """Lines, rotations and bytes written since start; lines dropped and write errors."""

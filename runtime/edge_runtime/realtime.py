@@ -35,6 +35,7 @@ from .detector import Detector, StageTimes
 from .fileio import atomic_write_bytes
 from .metrics import DEFAULT_WINDOW, Histogram, RateMeter, RollingWindow
 from .postprocess import Detections
+from .throttled_log import ThrottledWarning
 
 log = logging.getLogger("edge_runtime.realtime")
 T = TypeVar("T")
@@ -560,7 +561,7 @@ class RealtimeLoop:
         self.inferred = 0
         self.last_capture_t: Optional[float] = None  # perf_counter of the last frame the source delivered
         self.last_infer_t: Optional[float] = None  # perf_counter of the last finished inference
-        self._last_handler_log = 0.0
+        self._handler_log = ThrottledWarning(log, time.monotonic)  # a failing hook at 30 FPS must not flood the log
 
     @property
     def variant(self) -> str:
@@ -630,10 +631,7 @@ class RealtimeLoop:
                     raise
                 self.stats.handler_errors += 1
                 self.stats.last_error = f"{getattr(h, '__name__', type(h).__name__)}: {e}"
-                now = time.monotonic()
-                if now - self._last_handler_log > 60.0:  # a failing hook at 30 FPS must not flood the log
-                    self._last_handler_log = now
-                    log.warning("result handler failed (%s); counting further failures", self.stats.last_error)
+                self._handler_log.warn(f"result handler failed ({self.stats.last_error})")
 
     def _handle(self) -> None:
         while True:

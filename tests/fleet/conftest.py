@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import pytest
 import yaml
+from support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -32,12 +33,6 @@ _addresses = itertools.count(2)  # 127.0.0.2, .3, ... unique within a test sessi
 def sshd_available() -> bool:
     """True when an OpenSSH server binary is installed (scripts/bootstrap.sh --with-sshd)."""
     return Path(SSHD).is_file() and shutil.which("ssh-keygen") is not None
-
-
-def _free_port(address: str) -> int:
-    with socket.socket() as s:
-        s.bind((address, 0))
-        return s.getsockname()[1]
 
 
 def _wait_listening(address: str, port: int, proc: subprocess.Popen, log: Path, timeout: float = 10.0) -> None:
@@ -111,7 +106,7 @@ class SshdFleet:
     def start(self, name: str, trust: bool = True) -> TestHost:
         """Start one device; `trust` adds its host key to the fleet's known_hosts."""
         address = f"127.0.0.{next(_addresses) % 250 + 2}"
-        port = _free_port(address)
+        port = free_port(address)
         root = self.tmp / name
         root.mkdir(parents=True)
         (root / "deploy").mkdir()
@@ -148,7 +143,7 @@ class SshdFleet:
         address = f"127.0.0.{next(_addresses) % 250 + 2}"
         root = self.tmp / name
         (root / "deploy").mkdir(parents=True)
-        return TestHost(name, address, _free_port(address), root, None)
+        return TestHost(name, address, free_port(address), root, None)
 
     def stop_all(self) -> None:
         """Stop every sshd this fleet started."""

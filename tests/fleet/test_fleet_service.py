@@ -17,12 +17,11 @@ import struct
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
+from support import free_port, healthz, wait_for
 
 from edge_runtime import deploy_ops
 from edge_runtime.supervisor import stop_supervisor
@@ -32,12 +31,6 @@ from pipeline.fleet.inventory import ServiceSettings, load_inventory
 from pipeline.fleet.results import format_table
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def service(port: int, **overrides: Any) -> dict[str, Any]:
@@ -56,26 +49,6 @@ def services() -> Iterator[list[Path]]:
     yield dirs
     for d in dirs:
         stop_supervisor(d)
-
-
-def healthz(port: int) -> dict[str, Any] | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return json.loads(e.read())
-    except OSError:
-        return None
-
-
-def wait_for(what: Callable[[], Any], timeout: float = 60.0, message: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = what()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {message}")
 
 
 def _link(deploy_dir: Path, name: str) -> str | None:

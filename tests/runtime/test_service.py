@@ -29,6 +29,7 @@ from typing import Any, Dict, Optional, Tuple
 import cv2
 import numpy as np
 import pytest
+from support import free_port, healthz, wait_for  # noqa: E402
 
 from edge_runtime.manifest import PostprocessSettings, ThermalSettings, load_manifest
 from edge_runtime.realtime import FrameSource, RealtimeLoop, SyntheticSource
@@ -38,12 +39,6 @@ from edge_runtime.service_config import ServiceConfigError, config_from_json, co
 
 pytest_plugins = ["browser", "mqtt_broker"]
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def service_doc(tmp: Path, port: int, **over: Any) -> Dict[str, Any]:
@@ -83,17 +78,6 @@ def get(url: str, timeout: float = 5.0) -> Tuple[int, bytes]:
         return e.code, e.read()
 
 
-def wait_for(fn: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not reached in {timeout} s (last: {last})")
-
-
 def start_serve(runtime: Path, deploy: Path, doc: Dict[str, Any], *extra: str) -> subprocess.Popen:
     (deploy / "service").mkdir(exist_ok=True)
     (deploy / "service" / "service.json").write_text(json.dumps(doc))
@@ -103,12 +87,8 @@ def start_serve(runtime: Path, deploy: Path, doc: Dict[str, Any], *extra: str) -
 
 
 def healthy(port: int) -> Optional[Dict[str, Any]]:
-    try:
-        code, body = get(f"http://127.0.0.1:{port}/healthz", timeout=2.0)
-    except OSError:
-        return None
-    doc = json.loads(body)
-    return doc if code == 200 and doc["ok"] else None
+    doc = healthz(port)
+    return doc if doc is not None and doc["ok"] else None
 
 
 def parse_metrics(text: str) -> Dict[str, float]:

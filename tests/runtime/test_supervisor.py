@@ -11,16 +11,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional
 
 import pytest
+from support import free_port, healthz, wait_for
 
 from edge_runtime import supervisor
 
@@ -75,12 +73,6 @@ print("fake serve stopped", flush=True)
 '''
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def add_runtime(deploy: Path, name: str) -> None:
     pkg = deploy / "runtime" / name / "edge_runtime"
     pkg.mkdir(parents=True)
@@ -133,31 +125,11 @@ def launch() -> Iterator[Callable[..., subprocess.Popen]]:
             p.wait()
 
 
-def healthz(port: int) -> Optional[Dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return json.loads(e.read())
-    except OSError:
-        return None
-
-
 def state(deploy: Path) -> Dict[str, Any]:
     try:
         return json.loads((deploy / "service" / "supervisor.json").read_text())
     except (OSError, ValueError):
         return {}
-
-
-def wait_for(what: Callable[[], Any], timeout: float = 20.0, message: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = what()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {message or what}")
 
 
 def alive(pid: int) -> bool:
