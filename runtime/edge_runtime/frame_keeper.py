@@ -201,7 +201,7 @@ class FrameKeeper:
             "reason": reason, "best_score": None if best is None else round(best, 4),
             "in_band": self._in_band(best), "frame": result.frame.index, "image": name,
             "width": int(image.shape[1]), "height": int(image.shape[0]),
-            "detections": result.detections.to_json(self.class_names),
+            "detections": result.detections_json(self.class_names),
         }
         side_bytes = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("utf-8")
         try:

@@ -191,7 +191,7 @@ class JsonlHandler:
         """Write the frame's line: frame, time, variant, age_ms, detections (as `JsonLinesHandler`)."""
         self.writer.write_line({"frame": result.frame.index, "time": self.clock(), "variant": result.variant,
                                 "age_ms": round(result.age_s * 1000, 2),
-                                "detections": result.detections.to_json(self.class_names)})
+                                "detections": result.detections_json(self.class_names)})
 
     def counters(self) -> Dict[str, float]:
         """The writer's counters."""

@@ -149,7 +149,7 @@ class MqttPublisher:
     def __call__(self, result: "Result") -> None:
         """The real-time-loop handler: one message per handled frame."""
         payload: Dict[str, Any] = {"frame": result.frame.index, "time": round(time.time(), 3),
-                                   "variant": result.variant, "detections": result.detections.to_json(self.class_names)}
+                                   "variant": result.variant, "detections": result.detections_json(self.class_names)}
         if self.release is not None:
             payload["release"] = self.release
         self.publish(payload)

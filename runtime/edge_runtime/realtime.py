@@ -409,11 +409,20 @@ class Result:
     t_infer_start: float
     t_infer_done: float
     stages: StageTimes
+    _json: Optional[List[Dict[str, Any]]] = field(default=None, repr=False, compare=False)
 
     @property
     def age_s(self) -> float:
         """How old the frame was when inference started on it."""
         return self.t_infer_start - self.frame.t_ready
+
+    def detections_json(self, class_names: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+        """`detections.to_json(class_names)`, computed once per result: every publisher (JSONL, MQTT,
+        the frame sidecar, the live view) sends the same list, and at 100 FPS converting it again
+        for each of them is measurable."""
+        if self._json is None:
+            self._json = self.detections.to_json(class_names)
+        return self._json
 
 
 Handler = Callable[[Result], None]
@@ -428,7 +437,7 @@ class JsonLinesHandler:
 
     def __call__(self, r: Result) -> None:
         line = {"frame": r.frame.index, "time": time.time(), "variant": r.variant,
-                "age_ms": round(r.age_s * 1000, 2), "detections": r.detections.to_json(self.class_names)}
+                "age_ms": round(r.age_s * 1000, 2), "detections": r.detections_json(self.class_names)}
         self.stream.write(json.dumps(line) + "\n")
         self.stream.flush()
 

@@ -293,7 +293,7 @@ class Service:
         _, doc = self.health()
         r = self.loop.stats.last_result
         doc["frame"] = r.frame.index if r is not None else None
-        doc["detections"] = r.detections.to_json(self.manifest.class_names) if r is not None else []
+        doc["detections"] = r.detections_json(self.manifest.class_names) if r is not None else []
         return doc
 
     # ----------------------------------------------------------------- lifecycle
