@@ -1,9 +1,11 @@
 """The device service against the bare real-time loop, and its memory over a long soak -- in one run.
 
-    python benchmarks/serve.py [--release DIR] [--seconds 15] [--rounds 3] [--soak-minutes 30] [--out FILE]
+    python benchmarks/serve.py [--release DIR] [--seconds 15] [--rounds 3] [--camera-fps F] [--soak-minutes 30]
+                               [--out FILE]
 
 1. Throughput: the bare `RealtimeLoop` (no handlers, no HTTP) against the full `Service` on the
-   same release and the same unpaced synthetic 640x480 camera (so both are inference-bound):
+   same release and the same synthetic 640x480 camera, paced at 1.5x the inference-only rate
+   (so both are inference-bound; `--camera-fps 30` measures at a line camera's rate instead):
    rotated JSONL, MQTT to a real mosquitto on loopback (when installed), the frame sample on
    disk (one frame a second plus the uncertainty band), HTTP on, with a scraper hitting
    `/metrics` every second and a "browser" polling `/live.json` + `/frame.jpg` twice a second.
@@ -225,6 +227,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--release", help="release folder (default build/fleet-local/current)")
     ap.add_argument("--seconds", type=float, default=15.0, help="length of each throughput round")
     ap.add_argument("--rounds", type=int, default=3, help="bare/service rounds (alternating; 0 = soak only)")
+    ap.add_argument("--camera-fps", type=float, help="pace the camera at this rate (default 1.5x inference-only: "
+                                                      "inference-bound; 30 = a line camera)")
     ap.add_argument("--soak-minutes", type=float, default=30.0, help="soak length (0 = skip)")
     ap.add_argument("--out", type=Path, help="also write the result JSON here")
     args = ap.parse_args(argv)
@@ -241,7 +245,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 # A camera that outruns the model (1.5x, as benchmarks/realtime.py): inference-bound,
                 # without a capture thread that spins as fast as memcpy allows.
                 result["inference_only_fps"] = round(inference_fps(release), 2)
-                camera_fps = round(1.5 * result["inference_only_fps"], 1)
+                camera_fps = args.camera_fps or round(1.5 * result["inference_only_fps"], 1)
                 result["camera_fps"] = camera_fps
                 print(f"inference only: {result['inference_only_fps']} FPS; camera paced at {camera_fps}", flush=True)
             for i in range(args.rounds):
