@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mqtt_broker import free_port
+from support import free_port
 
 from edge_runtime.supervisor import stop_supervisor
 from pipeline.fleet import runner
