@@ -4,8 +4,10 @@
   fab status --group jetsons          fab rollback --group pis   (both: the service too)
   fab benchmark --group local         fab collect-frames --group pis --count 50
 
-Every task takes --inventory (default inventory.yaml, or $FLEET_INVENTORY). The exit code is
-non-zero when any host failed; the table above it says which and why.
+Every task takes --inventory (default inventory.yaml, or $FLEET_INVENTORY). Exit codes: 2 for bad
+input (an option value, the inventory, a group, a model's files: one `error: ...` line, before any
+host is contacted), 1 when any host failed (the table above it says which and why) or the MLflow
+run could not be written, 0 otherwise.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ def _inventory(path: str | None):
     return load_inventory(Path(path or os.environ.get("FLEET_INVENTORY") or "inventory.yaml"))
 
 
-def _call(fn, *args, **kwargs) -> runner.FleetRun:
-    # Bad input (inventory, group, model files) is one clear line and exit 2, not a traceback.
+def _call(fn, *args, **kwargs):
+    # Bad input (option values, inventory, group, model files) is one clear line and exit 2, not a
+    # traceback; the runner checks all of it before it contacts any host.
     try:
         return fn(*args, **kwargs)
     except (InventoryError, ArtifactError, ValueError, TrackingServerUnreachable) as e:
-        raise Exit(f"error: {e}", code=2) from e
+        raise Exit(f"error: {' '.join(str(e).split())}", code=2) from e
 
 
 def _finish(run: runner.FleetRun, extra: str = "") -> None:
@@ -41,9 +44,11 @@ def _finish(run: runner.FleetRun, extra: str = "") -> None:
         print(extra)
     if run.mlflow_run_id:
         print(f"MLflow run: {run.mlflow_run_id}")
+    if run.mlflow_error:
+        print(f"error: the MLflow run was not written: {run.mlflow_error}")
     for alias, outcome in sorted(run.registry.items()):
         print(f"Model registry alias '{alias}': " + (f"version {outcome}" if outcome.isdigit() else outcome))
-    if any(not r.ok for r in run.results):
+    if any(not r.ok for r in run.results) or run.mlflow_error:
         raise Exit(code=1)
 
 
@@ -100,15 +105,17 @@ def rollback(c, group=None, host=None, inventory=None):
             "soak_minutes": "run continuously this long and report per-window latency/temperature (thermal timeline)"})
 def benchmark(c, group=None, host=None, inventory=None, soak_minutes=None):
     """Benchmark the current release on each device; results to reports/fleet/<host>/ and MLflow."""
-    soak = float(soak_minutes) if soak_minutes is not None else None
+    soak = _call(runner.parse_soak_minutes, soak_minutes)
     _finish(_call(lambda: runner.benchmark(_inventory(inventory), group, host, soak_minutes=soak)))
 
 
-@task(name="collect-frames", help={"group": "inventory group", "host": "one host",
-                                   "count": "newest frames per device", "inventory": "inventory file"})
-def collect_frames(c, group=None, host=None, count=50, inventory=None):
+@task(name="collect-frames", help={"group": "inventory group", "host": "one host", "inventory": "inventory file",
+                                   "count": f"newest frames per device (default {runner.DEFAULT_COUNT})"})
+def collect_frames(c, group=None, host=None, count=None, inventory=None):
     """Pull camera frames into data/camera/<host>/ for the calibrate stage."""
-    _finish(_call(lambda: runner.collect_frames(_inventory(inventory), group, host, int(count))))
+    # A string option (default None), checked here: invoke's own int conversion ends in a traceback.
+    n = _call(runner.parse_count, runner.DEFAULT_COUNT if count is None else count)
+    _finish(_call(lambda: runner.collect_frames(_inventory(inventory), group, host, n)))
 
 
 @task(help={"group": "inventory group", "host": "one host", "inventory": "inventory file",

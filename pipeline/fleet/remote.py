@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,17 +36,59 @@ class RemoteError(RuntimeError):
     """A command on the device failed; the message carries its exit code and stderr."""
 
 
+# How a full disk shows in a device command's output (Python's OSError text, coreutils, C errno name).
+NO_SPACE = re.compile(r"No space left on device|\[Errno 28\]|\bENOSPC\b|Disk quota exceeded|\[Errno 122\]")
+
+
+def mb(n: int | None) -> str:
+    """Bytes as `12.3 MB` (decimal, like the summary table), or `? MB` when unknown."""
+    return "? MB" if n is None else f"{n / 1e6:.1f} MB"
+
+
+def free_space(conn: Any, host: Host) -> dict[str, Any]:
+    """A fresh look at the deploy dir's free space on the device (a read-only probe): free_bytes,
+    free_inodes and deploy_dir; None values when it cannot be measured (never raises for that)."""
+    try:
+        state = run_helper(conn, host, "probe", {"deploy_dir": host.deploy_dir, "dry": True}, space_check=False)
+    except Exception:  # noqa: BLE001 - a best-effort detail for a message about another failure
+        return {"free_bytes": None, "free_inodes": None, "deploy_dir": host.deploy_dir}
+    return {"free_bytes": state.get("free_bytes"), "free_inodes": state.get("free_inodes"),
+            "deploy_dir": state.get("deploy_dir") or host.deploy_dir}
+
+
+def no_space_message(host: Host, space: dict[str, Any], need: str = "") -> str:
+    """`device pi1: no space left in /home/pi/edge-defect (3.1 MB free, the release needs 12.0 MB ...); ...`
+
+    `space`: free_bytes, free_inodes, deploy_dir (a probe's answer); `need`: what did not fit, in words.
+    """
+    inodes = space.get("free_inodes")
+    state = "no free inodes left (df -i)" if inodes == 0 else mb(space.get("free_bytes")) + " free"
+    if need:
+        state += f", {need}"
+    return (f"device {host.name}: no space left in {space.get('deploy_dir') or host.deploy_dir} ({state}); free "
+            "space on the device (releases/ folders other than current and previous, results/, the frames "
+            "folder, or anything else on that disk) or point the host's deploy_dir at a bigger disk, then re-run")
+
+
 def quote_command(words: Sequence[str]) -> str:
     """Join words into one shell command, each word quoted."""
     return " ".join(shlex.quote(str(w)) for w in words)
 
 
-def run_helper(conn: Any, host: Host, op: str, args: dict[str, Any], timeout: float = 120.0) -> dict[str, Any]:
-    """Run one helper operation on the device and return its JSON answer."""
+def run_helper(conn: Any, host: Host, op: str, args: dict[str, Any], timeout: float = 120.0,
+               space_check: bool = True) -> dict[str, Any]:
+    """Run one helper operation on the device and return its JSON answer.
+
+    A helper that failed because the device's disk is full says so, with the free space a
+    fresh probe measured (`space_check`; off for that probe itself).
+    """
     command = quote_command([host.python, "-c", helper_source(), op, json.dumps(args, sort_keys=True)])
     result = conn.run(command, timeout=timeout)
     if result.exited != 0:
         err = (result.stderr or result.stdout).strip().splitlines()
+        if space_check and NO_SPACE.search(result.stderr or result.stdout or ""):
+            raise RemoteError(f"{no_space_message(host, free_space(conn, host))} (device step '{op}': "
+                              f"{err[-1] if err else 'no output'})")
         raise RemoteError(f"{host.name}: device step '{op}' failed (exit {result.exited}): "
                           f"{err[-1] if err else 'no output'}; check that '{host.python}' is Python 3.8+ and "
                           f"that {host.user or 'the user'} can write {host.deploy_dir}")
@@ -102,9 +145,10 @@ def parse_json_output(host: Host, verb: str, result: Any) -> dict[str, Any]:
 
 
 def last_error_line(result: Any) -> str:
-    """The most telling line of a failed command's output (stderr first)."""
+    """The most telling line of a failed command's output (stderr first); a full disk is named."""
     for stream in (result.stderr or "", result.stdout or ""):
         lines = [ln.strip() for ln in stream.strip().splitlines() if ln.strip()]
         if lines:
-            return lines[-1]
+            full = NO_SPACE.search((result.stderr or "") + (result.stdout or ""))
+            return lines[-1] + ("; the device's disk is full: free space in its deploy_dir and re-run" if full else "")
     return f"exit {result.exited}, no output"

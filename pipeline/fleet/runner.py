@@ -3,10 +3,17 @@
 Hosts run in a thread pool bounded by `settings.concurrency`; one host's failure never stops
 the others (its exception becomes its result's `error`). Each command returns all results;
 `raise_for_failures` turns any failure into a FleetError that still carries all of them.
+
+Option values (`model`, `count`, `soak_minutes`) are checked before any host is contacted
+(`ValueError`/`ArtifactError`, which `fab` reports as one `error: ...` line and exit 2); the
+`parse_*` functions turn the command line's strings into checked values.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,6 +29,7 @@ from pipeline.fleet.artifacts import (
     build_release,
     cached_sha256,
     materialize_manifest,
+    model_paths,
     new_workdir,
     runtime_bundle,
     select_model_files,
@@ -33,11 +41,18 @@ from pipeline.fleet.inventory import Host, Inventory
 from pipeline.fleet.results import HostResult, bench_metrics
 
 DEFAULT_MODEL = "yolov8n"
+DEFAULT_COUNT = 50  # collect-frames: newest frames per device
+MAX_SOAK_MINUTES = 7 * 24 * 60.0  # a week: longer is a typo, not a soak
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class FleetRun:
-    """The outcome of one fleet command over a set of hosts."""
+    """The outcome of one fleet command over a set of hosts.
+
+    `mlflow_error`: why the MLflow run could not be written (empty when it was, or was not asked
+    for); the results are complete either way, and `fab` reports it and exits 1.
+    """
 
     command: str
     results: list[HostResult]
@@ -45,6 +60,97 @@ class FleetRun:
     options: dict[str, Any] = field(default_factory=dict)
     mlflow_run_id: str = ""
     registry: dict[str, str] = field(default_factory=dict)  # deploy: alias -> registry version (or why not)
+    mlflow_error: str = ""
+
+
+# --- option values: checked before any host is contacted --------------------------------------
+
+_WHOLE = re.compile(r"\A[0-9]+\Z")
+_DECIMAL = re.compile(r"\A(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\Z")
+
+
+def check_count(count: Any) -> int:
+    """collect-frames' `count`: a whole number >= 1, else ValueError."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"--count {count!r}: give a whole number of frames per device, at least 1 (e.g. --count 50)")
+    return count
+
+
+def parse_count(text: Any) -> int:
+    """`--count` from the command line (a string, or the default int) -> checked int."""
+    if isinstance(text, str):
+        if not _WHOLE.match(text.strip()) or int(text.strip()) < 1:
+            raise ValueError(f"--count {text!r}: give a whole number of frames per device, at least 1 "
+                             "(e.g. --count 50)")
+        return check_count(int(text.strip()))
+    return check_count(text)
+
+
+def check_soak_minutes(minutes: Any) -> float | None:
+    """benchmark's `soak_minutes`: None (no soak) or a finite number of minutes in (0, MAX_SOAK_MINUTES]."""
+    if minutes is None:
+        return None
+    if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not math.isfinite(minutes) \
+            or minutes <= 0 or minutes > MAX_SOAK_MINUTES:
+        raise ValueError(f"--soak-minutes must be > 0 and at most {MAX_SOAK_MINUTES:.0f} (a week), a finite number "
+                         f"of minutes (got {minutes!r})")
+    return float(minutes)
+
+
+def parse_soak_minutes(text: Any) -> float | None:
+    """`--soak-minutes` from the command line (a string or None) -> checked minutes or None."""
+    if text is None or not isinstance(text, str):
+        return check_soak_minutes(text)
+    if not _DECIMAL.match(text.strip()) or not 0 < float(text.strip()) <= MAX_SOAK_MINUTES:
+        raise ValueError(f"--soak-minutes {text!r}: give the soak's length in minutes, a number > 0 and at most "
+                         f"{MAX_SOAK_MINUTES:.0f} (a week), e.g. --soak-minutes 30")
+    return check_soak_minutes(float(text.strip()))
+
+
+def check_model(model: Any, models_dir: Path) -> str:
+    """`--model`: a plain model name (letters, digits, `_ . -`; no path) with at least one of its
+    files in `models_dir`, else ArtifactError. Which file each host needs is checked per host."""
+    if not isinstance(model, str):
+        raise ArtifactError(f"--model {model!r}: give a model name such as 'yolov8n'")
+    files = model_paths(models_dir, model)  # refuses path separators, '..', shell characters, '.onnx'
+    if not any(p.is_file() for p in files.values()):
+        known = sorted({p.name.split(".")[0] for p in models_dir.glob("*.onnx")}) if models_dir.is_dir() else []
+        raise ArtifactError(f"--model {model!r}: no files of that model in {models_dir} (looked for "
+                            f"{', '.join(p.name for p in files.values())}); models there: "
+                            f"{', '.join(known) or 'none'} (run `dvc repro` to build them)")
+    return model
+
+
+# --- running a command on every host ----------------------------------------------------------
+
+def describe_error(e: BaseException) -> str:
+    """A host's failure in words: our own errors speak for themselves; others get their type
+    (a bare `KeyError: 'x'` or `EOFError` says nothing on its own)."""
+    if isinstance(e, SystemExit):
+        return (f"a step tried to exit the program (SystemExit {e.code!r}); recorded as this host's failure, the "
+                "other hosts carried on")
+    text = str(e)
+    if type(e).__module__.startswith("pipeline.") and text:
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _close(conn: Any, result: HostResult) -> None:
+    """Close a host's connection; a failure here never propagates.
+
+    A host that already failed keeps its first error (the close's is added to `details`). A host
+    whose work had completed stays ok: everything it did on the device was confirmed before the
+    close, so a dropped goodbye changes nothing there; it is logged and kept in
+    `details["close_error"]`.
+    """
+    try:
+        conn.close()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # noqa: BLE001 - a dead connection is this host's business only
+        result.details["close_error"] = describe_error(e)
+        if result.ok:
+            log.warning("%s: %s (its work had completed; the result stands)", result.host, describe_error(e))
 
 
 def run_on_hosts(hosts: Sequence[Host], inventory: Inventory, work: Callable[[Any, Host, HostResult], None],
@@ -52,7 +158,10 @@ def run_on_hosts(hosts: Sequence[Host], inventory: Inventory, work: Callable[[An
     """Connect to each host and run `work(conn, host, result)` in parallel; collect all results.
 
     Exceptions are recorded in the host's result (failed step + message), never propagated, so
-    one bad host cannot stop the fleet.
+    one bad host cannot stop the fleet, and every host gets its result in `hosts` order: a
+    connection that drops at any moment, including while it is being closed (`_close`), and even
+    a `SystemExit` from a step are that host's failure. Only KeyboardInterrupt (the operator's ^C)
+    stops the command.
     """
     def one(host: Host) -> HostResult:
         result = HostResult(host=host.name, group=host.group)
@@ -61,19 +170,40 @@ def run_on_hosts(hosts: Sequence[Host], inventory: Inventory, work: Callable[[An
             with result.step("connect"):
                 conn = connect(host, inventory.settings)
             work(conn, host, result)
-        except Exception as e:  # noqa: BLE001 - recorded per host and re-raised by raise_for_failures
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # noqa: BLE001 - recorded per host and re-raised by raise_for_failures
             result.outcome = "failed"
-            result.error = str(e) or type(e).__name__
+            result.error = describe_error(e)
         finally:
             if conn is not None:
-                conn.close()
+                _close(conn, result)
         return result
 
     if not hosts:
         return []
     workers = max(1, min(concurrency or inventory.settings.concurrency, len(hosts)))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fleet") as pool:
-        return list(pool.map(one, hosts))
+        futures = [pool.submit(one, h) for h in hosts]
+        results = []
+        for h, fut in zip(hosts, futures):
+            try:
+                results.append(fut.result())
+            except KeyboardInterrupt:
+                raise
+            except BaseException as e:  # noqa: BLE001 - never lose a host's row
+                results.append(HostResult(host=h.name, group=h.group, outcome="failed", error=describe_error(e)))
+        return results
+
+
+def _log_to_mlflow(run: FleetRun, hosts: Sequence[Host], models_dir: Path | None = None) -> None:
+    """Write the command's MLflow run; a failure is kept in `run.mlflow_error`, never losing the results."""
+    from pipeline.fleet.mlflow_log import log_fleet_run
+
+    try:
+        run.mlflow_run_id = log_fleet_run(run, {h.name: h for h in hosts}, models_dir)
+    except Exception as e:  # noqa: BLE001 - the table must still be printed; fab exits 1 on this
+        run.mlflow_error = describe_error(e)
 
 
 def resolve_local_host(host: Host, inventory: Inventory) -> Host:
@@ -96,9 +226,28 @@ def resolve_local_host(host: Host, inventory: Inventory) -> Host:
                    service=service)
 
 
+def _check_model_files(hosts: Sequence[Host], sources: Sources, model: str) -> None:
+    """Every host's model files exist (for its runtime and precision), before any host is contacted:
+    else ArtifactError naming the first such host and how many others lack theirs (exit 2)."""
+    errors: dict[str, str] = {}
+    for host in hosts:
+        try:
+            select_model_files(host, sources.models_dir, model)
+        except ArtifactError as e:
+            errors[host.name] = str(e)
+    if errors:
+        first, *others = errors
+        more = f" (and {len(others)} other host(s): {', '.join(others)})" if others else ""
+        raise ArtifactError(f"{errors[first]}{more}; no host was contacted")
+
+
 def _resolve_releases(hosts: Sequence[Host], sources: Sources, model: str, workdir: Path
                       ) -> tuple[dict[str, Release], dict[str, str]]:
-    """Build each host's release (hosts sharing settings share one); errors are per host."""
+    """Build each host's release (hosts sharing settings share one); errors are per host.
+
+    A file that is there but unusable (not a readable ONNX model, metadata without class names)
+    fails only the hosts that ship it, at step `resolve`, each with its row and MLflow run.
+    """
     runtime = runtime_bundle(sources.runtime_root)
     lineage_cache: dict[str, dict[str, str]] = {}
     releases: dict[str, Release] = {}
@@ -123,7 +272,12 @@ def deploy(inventory: Inventory, group: str | None = None, host: str | None = No
     """Deploy the model to the selected hosts: push, (engine), health, switch, benchmark, service, collect.
 
     With `dry_run`, only resolves artifacts and probes each device (read-only): the results say
-    which files would be sent and which release would go live.
+    which files would be sent and which release would go live (and fail the host when they
+    would not fit into its free space).
+
+    The model name and every host's model files are checked before any host is contacted
+    (ArtifactError). The files still to send must fit into the deploy dir's free space (plus
+    `steps.SPACE_MARGIN_BYTES`), else the host fails before its upload with how much is free.
 
     A host with a service (inventory `service:`) gets it restarted on the new release after the
     benchmark (which runs with the service stopped, so it has the CPU alone); if /healthz is not
@@ -131,10 +285,12 @@ def deploy(inventory: Inventory, group: str | None = None, host: str | None = No
     the service there, and the host fails at step `service` with the reason.
     """
     start = time.perf_counter()
-    hosts = [resolve_local_host(h, inventory) for h in inventory.select(group, host)]
     sources = sources or Sources.default()
+    check_model(model, sources.models_dir)
+    hosts = [resolve_local_host(h, inventory) for h in inventory.select(group, host)]
     results_dir = results_dir or paths.repo_root() / "reports" / "fleet"
     stamp = utc_stamp()
+    _check_model_files(hosts, sources, model)
     with new_workdir() as tmp:
         releases, errors = _resolve_releases(hosts, sources, model, Path(tmp))
 
@@ -151,24 +307,28 @@ def deploy(inventory: Inventory, group: str | None = None, host: str | None = No
                 state = steps.probe(conn, h, rel.runtime, rel.bundle, dry=dry_run)
             deploy_dir = state["deploy_dir"]
             r.previous = state["current"] or ""
+            bundles = [("runtime", rel.runtime), ("releases", rel.bundle)]
+            r.details.update(free_bytes=state.get("free_bytes"), bytes_to_send=steps.bytes_to_send(state, bundles))
             if dry_run:
-                for kind, bundle in (("runtime", rel.runtime), ("releases", rel.bundle)):
+                for kind, bundle in bundles:
                     need = state[kind][bundle.name]["need"]
                     r.bytes_sent += sum(bundle.entries[n][1] for n in need)
                     r.model_bytes_sent += bundle.model_bytes(need)
                     r.files_sent += [f"{kind}/{bundle.name}/{n}" for n in need]
-                r.outcome = "dry-run"
                 r.details["would_switch"] = state["current"] != rel.manifest.release
                 r.details["would_restart_service"] = h.service.enabled
+                with r.failing_as("push"):
+                    steps.check_space(h, state, bundles)
+                r.outcome = "dry-run"
                 return
             with r.step("push"):
-                publish = [steps.upload_bundle(conn, h, "runtime", rel.runtime, state, r),
-                           steps.upload_bundle(conn, h, "releases", rel.bundle, state, r)]
+                steps.check_space(h, state, bundles)
+                publish = steps.upload_bundles(conn, h, bundles, state, r)
             # One command runs verify, (engine), health, switch and bench on the device; their
             # device-side seconds go into r.timings, `activate` is the whole round trip.
             with r.step("activate"):
                 done = steps.activate(conn, h, deploy_dir, rel.runtime.name, rel.manifest.release,
-                                      [p for p in publish if p is not None], stamp if bench else None, r)
+                                      publish, stamp if bench else None, r)
             r.outcome = "deployed" if done.switched["changed"] else "unchanged"
             r.previous = done.switched["previous"] or ""
             if done.service is not None and done.service.get("enabled", True):
@@ -186,9 +346,7 @@ def deploy(inventory: Inventory, group: str | None = None, host: str | None = No
     run = FleetRun("deploy", results, time.perf_counter() - start,
                    {"group": group or "", "host": host or "", "model": model, "dry_run": dry_run})
     if log_to_mlflow and not dry_run:
-        from pipeline.fleet.mlflow_log import log_fleet_run
-
-        run.mlflow_run_id = log_fleet_run(run, {h.name: h for h in hosts}, sources.models_dir)
+        _log_to_mlflow(run, hosts, sources.models_dir)
     return run
 
 
@@ -214,8 +372,7 @@ def benchmark(inventory: Inventory, group: str | None = None, host: str | None =
     With `soak_minutes`, each device runs continuously for that long and reports equal time
     windows (p50/p95/FPS/max temperature, p50 drift): the report's thermal timeline.
     """
-    if soak_minutes is not None and soak_minutes <= 0:
-        raise ValueError(f"--soak-minutes must be > 0 (got {soak_minutes})")
+    soak_minutes = check_soak_minutes(soak_minutes)
     start = time.perf_counter()
     hosts = [resolve_local_host(h, inventory) for h in inventory.select(group, host)]
     results_dir = results_dir or paths.repo_root() / "reports" / "fleet"
@@ -243,9 +400,7 @@ def benchmark(inventory: Inventory, group: str | None = None, host: str | None =
     run = FleetRun("benchmark", results, time.perf_counter() - start,
                    {"group": group or "", "host": host or "", "soak_minutes": soak_minutes or ""})
     if log_to_mlflow:
-        from pipeline.fleet.mlflow_log import log_fleet_run
-
-        run.mlflow_run_id = log_fleet_run(run, {h.name: h for h in hosts})
+        _log_to_mlflow(run, hosts)
     return run
 
 
@@ -316,15 +471,15 @@ def status(inventory: Inventory, group: str | None = None, host: str | None = No
     return FleetRun("status", results, time.perf_counter() - start, {"group": group or "", "host": host or ""})
 
 
-def collect_frames(inventory: Inventory, group: str | None = None, host: str | None = None, count: int = 50,
+def collect_frames(inventory: Inventory, group: str | None = None, host: str | None = None,
+                   count: int = DEFAULT_COUNT,
                    camera_dir: Path | None = None, meta_dir: Path | None = None) -> FleetRun:
     """Pull the newest `count` camera frames per host into data/camera/<host>/ (for calibrate).
 
     Their JSON sidecars (detections, reason, release) go to `meta_dir`/<host>/, by default the
     sibling data/camera-meta/ of `camera_dir`: the camera stage accepts only images and videos there.
     """
-    if count < 1:
-        raise ValueError(f"--count {count}: ask for at least one frame")
+    count = check_count(count)
     start = time.perf_counter()
     hosts = [resolve_local_host(h, inventory) for h in inventory.select(group, host)]
     camera_dir = camera_dir or paths.repo_root() / "data" / "camera"

@@ -6,6 +6,7 @@ and only then renamed into place; `current` changes only after `health` passes.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import posixpath
@@ -16,8 +17,19 @@ from typing import Any
 
 from edge_runtime.fileio import sha256_file
 from pipeline.fleet.artifacts import Bundle
+from pipeline.fleet.connection import ConnectionLost
 from pipeline.fleet.inventory import Host
-from pipeline.fleet.remote import DeviceRun, RemoteError, last_error_line, parse_json_output, run_device, run_helper
+from pipeline.fleet.remote import (
+    DeviceRun,
+    RemoteError,
+    free_space,
+    last_error_line,
+    mb,
+    no_space_message,
+    parse_json_output,
+    run_device,
+    run_helper,
+)
 from pipeline.fleet.results import HostResult
 
 # Device-side time limits. Jetson engine builds take minutes (up to ~20 for big workspaces).
@@ -25,6 +37,9 @@ HEALTH_TIMEOUT_S = 300.0
 ENGINE_TIMEOUT_S = 3600.0
 BENCH_TIMEOUT_S = 3600.0
 TRT_MISSING = "TensorRT not available"
+# Room a deploy needs on the device beyond the files it sends: the benchmark JSON, service.json,
+# the service's log, symlink renames. An upload is refused up front when it would leave less.
+SPACE_MARGIN_BYTES = 8_000_000
 
 
 class StepError(RuntimeError):
@@ -45,19 +60,76 @@ def probe(conn: Any, host: Host, runtime: Bundle | None, release: Bundle | None,
     return run_helper(conn, host, "probe", args)
 
 
+def bytes_to_send(state: dict[str, Any], bundles: list[tuple[str, Bundle]]) -> int:
+    """Bytes of the files `probe` said each (kind, bundle) still needs."""
+    return sum(b.entries[n][1] for kind, b in bundles for n in state[kind][b.name]["need"])
+
+
+def check_space(host: Host, state: dict[str, Any], bundles: list[tuple[str, Bundle]]) -> None:
+    """StepError before any byte is sent when the files still to send (plus SPACE_MARGIN_BYTES) do
+    not fit into the free space `probe` measured in the deploy dir (no check when it is unknown)."""
+    need = bytes_to_send(state, bundles)
+    free = state.get("free_bytes")
+    inodes = state.get("free_inodes")
+    files = sum(len(state[kind][b.name]["need"]) for kind, b in bundles)
+    if need and ((isinstance(free, int) and need + SPACE_MARGIN_BYTES > free) or
+                 (isinstance(inodes, int) and files + 16 > inodes)):
+        raise StepError(no_space_message(host, state, f"the release needs {mb(need)} plus a {mb(SPACE_MARGIN_BYTES)} "
+                                                      "margin; nothing was sent"))
+
+
+def _upload_error(conn: Any, host: Host, e: OSError, remote: str, still_needed: int) -> StepError:
+    """Words for a failed SFTP put. OpenSSH's sftp-server reports a full disk as a bare `Failure`
+    (SSH_FX_FAILURE, no errno), so a fresh probe of the free space decides what it was."""
+    remover = getattr(conn, "remove", None)
+    if remover is not None:  # the partial file only holds space now: it is re-sent whole next time
+        try:
+            remover(remote)
+        except Exception:  # noqa: BLE001, S110 - best effort; the next probe deletes it anyway
+            pass
+    code = getattr(e, "errno", None)
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return StepError(f"device {host.name}: cannot write {remote} ({e.strerror or e}); check that "
+                         f"{host.user or 'the user'} can write {posixpath.dirname(remote)} and that its disk is "
+                         "not mounted read-only")
+    space = free_space(conn, host)
+    free, inodes = space.get("free_bytes"), space.get("free_inodes")
+    full = code in (errno.ENOSPC, errno.EDQUOT) or inodes == 0 or (
+        isinstance(free, int) and still_needed + SPACE_MARGIN_BYTES > free)
+    if full:
+        return StepError(no_space_message(host, space, f"the upload still needs {mb(still_needed)}") +
+                         f" (the SFTP upload of {posixpath.basename(remote)} failed: {e or type(e).__name__})")
+    return StepError(f"device {host.name}: the SFTP upload of {remote} failed ({e}"
+                     f"{': the SFTP server gave no reason' if code is None else ''}); {mb(free)} and "
+                     f"{inodes if inodes is not None else '?'} inodes are free in {space.get('deploy_dir')}, so "
+                     f"it is not a full disk: check that {host.user or 'the user'} can write there and the "
+                     "device's kernel log (dmesg) for disk errors, then re-run")
+
+
 def upload_bundle(conn: Any, host: Host, kind: str, bundle: Bundle, state: dict[str, Any],
-                  result: HostResult) -> dict[str, Any] | None:
+                  result: HostResult, later_bytes: int = 0) -> dict[str, Any] | None:
     """Upload the files `probe` said are missing into the bundle's staging folder.
 
     `kind` is `runtime` or `releases`. Returns what `activate` needs to verify and publish the
-    folder, or None when it is already published (nothing sent).
+    folder, or None when it is already published (nothing sent). A failed upload is a StepError
+    in words (a full disk says how much is free and how much is still needed, counting
+    `later_bytes` of bundles still to come); a dropped connection is `ConnectionLost`.
     """
     entry = state[kind][bundle.name]
     if entry["present"]:
         return None
     stage = entry["stage"]
-    for name in entry["need"]:
-        conn.put(str(bundle.files[name]), posixpath.join(stage, name))
+    for i, name in enumerate(entry["need"]):
+        remote = posixpath.join(stage, name)
+        try:
+            conn.put(str(bundle.files[name]), remote)
+        except ConnectionLost:
+            raise
+        except OSError as e:
+            if not os.path.isfile(bundle.files[name]):  # the workstation's own file vanished
+                raise StepError(f"{bundle.files[name]} disappeared during the deploy ({e}); re-run") from e
+            still = sum(bundle.entries[n][1] for n in entry["need"][i:]) + later_bytes
+            raise _upload_error(conn, host, e, remote, still) from e
         size = bundle.entries[name][1]
         result.bytes_sent += size
         result.files_sent.append(f"{kind}/{bundle.name}/{name}")
@@ -65,6 +137,18 @@ def upload_bundle(conn: Any, host: Host, kind: str, bundle: Bundle, state: dict[
             result.model_bytes_sent += size
     result.files_linked += [f"{kind}/{bundle.name}/{n}" for n in entry["linked"]]
     return {"kind": kind, "name": bundle.name, "files": {k: list(v) for k, v in bundle.entries.items()}}
+
+
+def upload_bundles(conn: Any, host: Host, bundles: list[tuple[str, Bundle]], state: dict[str, Any],
+                   result: HostResult) -> list[dict[str, Any]]:
+    """`upload_bundle` for each (kind, bundle) in order; what `activate` must publish."""
+    publish = []
+    for i, (kind, bundle) in enumerate(bundles):
+        later = bytes_to_send(state, bundles[i + 1:])
+        answer = upload_bundle(conn, host, kind, bundle, state, result, later_bytes=later)
+        if answer is not None:
+            publish.append(answer)
+    return publish
 
 
 def _verify_problems(answers: list[dict[str, Any]]) -> None:

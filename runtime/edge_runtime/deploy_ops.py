@@ -98,12 +98,39 @@ def _reuse(src: str, dest: str) -> None:
         shutil.copyfile(src, dest)
 
 
+def free_space(path: str) -> Dict[str, Optional[int]]:
+    """Bytes and inodes an unprivileged user may still use on the filesystem holding `path`
+    (the nearest existing folder above it when it does not exist yet); None where unknown."""
+    path = os.path.abspath(path)
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        st = os.statvfs(path)
+    except (OSError, AttributeError):  # AttributeError: no statvfs on this platform
+        return {"free_bytes": None, "free_inodes": None}
+    # f_favail is 0 on filesystems without an inode limit only when f_files is 0 too (tmpfs nr_inodes=0)
+    inodes = st.f_favail if st.f_files else None
+    return {"free_bytes": st.f_bavail * st.f_frsize, "free_inodes": inodes}
+
+
+def _stale_bytes(path: str) -> int:
+    """Space a left-over partial upload at `path` holds (0 if absent, or a hard link to another file)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return 0
+    return st.st_size if st.st_nlink == 1 and not os.path.islink(path) else 0
+
+
 def probe(a: Args) -> Dict[str, Any]:
-    """State before an upload: links, Python version, and per bundle the files still to send.
+    """State before an upload: links, Python version, free space, and per bundle the files still to send.
 
     `a`: deploy_dir, runtime/releases ({name: {file: [sha, size]}}), dry. Not dry, it creates
-    the folders and a `.<name>.partial` stage per missing bundle, and hard-links files the
-    device already holds in another release (content-addressed reuse).
+    the folders and a `.<name>.partial` stage per missing bundle, hard-links files the device
+    already holds in another release (content-addressed reuse), and deletes a stale partial copy
+    of each file still to send (it is sent again whole, so its space counts as free).
+    `free_bytes`/`free_inodes`: what the deploy dir's filesystem has left for this user (statvfs,
+    after those deletions; a dry probe adds the space they would free). None where unknown.
     """
     root = os.path.abspath(a["deploy_dir"])
     dry = a.get("dry", False)
@@ -114,6 +141,7 @@ def probe(a: Args) -> Dict[str, Any]:
         for sub in ("releases", "runtime", "engines", "results"):
             os.makedirs(os.path.join(root, sub), exist_ok=True)
     index = known_files(root) if a.get("releases") else {}
+    reclaimable = 0
     for kind in ("runtime", "releases"):
         want = a.get(kind) or {}
         out[kind] = {}
@@ -137,10 +165,17 @@ def probe(a: Args) -> Dict[str, Any]:
                         _reuse(src[0], dest)
                     linked.append(fname)
                     continue
-                if not dry:
+                if dry:
+                    reclaimable += _stale_bytes(dest)
+                else:
                     os.makedirs(os.path.dirname(dest), exist_ok=True)
+                    if os.path.lexists(dest) and not os.path.isdir(dest):
+                        os.unlink(dest)  # a partial or damaged upload: re-sent whole, free its space first
                 need.append(fname)
             out[kind][name] = {"present": False, "need": need, "linked": linked, "stage": stage}
+    out.update(free_space(root))
+    if out["free_bytes"] is not None:
+        out["free_bytes"] += reclaimable
     return out
 
 
