@@ -20,7 +20,7 @@ from xml.sax.saxutils import escape
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import REPO
 
@@ -291,34 +291,13 @@ def _same(got: Any, want: Any) -> bool:
     return type(got) is type(want) and got == want
 
 
-def _has_non_string_key(node: Any) -> bool:
-    if isinstance(node, dict):
-        return any(not isinstance(k, str) or _has_non_string_key(v) for k, v in node.items())
-    return isinstance(node, list) and any(map(_has_non_string_key, node))
-
-
-def _skip_known_escapes(text: str) -> None:
-    """Leave out the inputs of the params.py bugs pinned by `test_params_known_escapes` (xfail below).
-
-    Drop this once they are fixed: the property should then hold for every input.
-    """
-    try:
-        doc = yaml.load(text, Loader=yaml.SafeLoader)  # noqa: S506 - SafeLoader
-    except (yaml.YAMLError, ValueError, RecursionError):
-        return
-    assume(not _has_non_string_key(doc))
-
-
 def _check_params(path: Path) -> ParamsFile | None:
     """The property for one params file: a ParamsFile, or a ParamsError whose problems each name the file."""
-    _skip_known_escapes(path.read_text(encoding="utf-8", errors="replace"))
     try:
         params = load_all(path)
     except ParamsError as e:
-        # Each problem is a line naming the file; a YAML syntax error's own message spans several
-        # lines (PyYAML's caret excerpt), pinned by test_params_known_escapes, so only the start of
-        # each problem is checked here: the first line, and any line that starts a new problem.
-        assert str(e).startswith(f"{path}: "), str(e)
+        # Each problem is one line naming the file.
+        assert all(line.startswith(f"{path}: ") for line in str(e).splitlines()), str(e)
         return None
     assert isinstance(params, ParamsFile)
     return params
@@ -378,9 +357,7 @@ def test_params_garbage_text_is_an_error(scratch: Path, text: str) -> None:
     pytest.param("[" * 2000 + "]" * 2000 + "\n", "RecursionError", id="deep-nesting"),
     pytest.param("base: [unclosed\n", "a multi-line message (PyYAML's excerpt)", id="yaml-error-lines"),
 ])
-@pytest.mark.xfail(strict=True, reason="pipeline/config/params.py lets these escape as other errors or as a "
-                                       "problem spread over several lines; remove a case once it is fixed")
-def test_params_known_escapes(tmp_path: Path, text: str, escape: str) -> None:
+def test_params_former_escapes_are_one_line_params_errors(tmp_path: Path, text: str, escape: str) -> None:
     path = tmp_path / "params.yaml"
     path.write_text(text)
     with pytest.raises(ParamsError) as e:

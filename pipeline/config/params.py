@@ -727,11 +727,41 @@ def read_params_file(path: Path = PARAMS_FILE) -> dict[str, Any]:
         raw = load_yaml(path.read_text())
     except DuplicateKeyError as e:
         raise ParamsError(f"{path}: {e}") from None
+    except yaml.MarkedYAMLError as e:  # one line: PyYAML's own message adds a multi-line excerpt
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = "; ".join(x for x in (e.context, e.problem) if x)
+        raise ParamsError(f"{path}: {where}not valid YAML ({what}); fix the syntax") from None
     except (yaml.YAMLError, ValueError) as e:  # ValueError: a value PyYAML cannot build (a bad date)
-        raise ParamsError(f"{path}: not valid YAML ({e}); fix the syntax") from e
+        raise ParamsError(f"{path}: not valid YAML ({' '.join(str(e).split())}); fix the syntax") from None
+    except RecursionError:
+        raise ParamsError(f"{path}: nested too deeply to read; params.yaml is sections of plain keys") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: top level must be a mapping of sections (base:, data:, ...)")
+    bad = _non_string_key(raw, ())
+    if bad is not None:
+        loc, key = bad
+        at = f" under '{dotted_key(loc)}'" if loc else ""
+        raise ParamsError(f"{path}: key {key!r}{at} is not a name; params keys are names (check the indentation, "
+                          "or quote the key)")
     return raw
+
+
+def _non_string_key(node: Any, loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any] | None:
+    """(where, key) of the first mapping key that is not a string (`1:`, a bare `?`), or None."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if not isinstance(k, str):
+                return loc, k
+            found = _non_string_key(v, (*loc, k))
+            if found is not None:
+                return found
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            found = _non_string_key(v, (*loc, i))
+            if found is not None:
+                return found
+    return None
 
 
 def load_all(path: Path = PARAMS_FILE) -> ParamsFile:

@@ -7,11 +7,21 @@ live in `params.yaml` sections, loaded and validated by name.
     parse_args = stage_cli("export", __doc__, weights=paths.WEIGHTS, out=paths.ONNX_MODEL)
     args = parse_args(argv)
     base, p = stage_params(args, "base", "export")
+    ...
+    if __name__ == "__main__":
+        sys.exit(run_stage(main))
+
+`run_stage` is the exit-code rule of every stage: 0 done; 2 for bad input (the project's input
+errors are ValueError subclasses -- ParamsError, DatasetError, ModelFileError, ... -- whose
+message names the file, the key or line, and the fix); 1 for a failure of the work itself (a
+RuntimeError: the accuracy gate, the export parity check). Either way the message is printed
+without a traceback; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, Union
 
@@ -69,3 +79,19 @@ def stage_params(args: argparse.Namespace, *sections: str) -> tuple[Any, ...]:
     if unknown:
         raise ValueError(f"no params schema for section(s) {unknown}; known: {sorted(SECTION_SCHEMAS)}")
     return tuple(load_params(name, SECTION_SCHEMAS[name], args.params) for name in sections)
+
+
+EXIT_INPUT, EXIT_FAILED = 2, 1
+
+
+def run_stage(main: Callable[[], Any]) -> int:
+    """Run a stage's `main()` as a command and return its exit code (see the module docstring)."""
+    try:
+        main()
+    except ValueError as e:  # bad input: the message names the file and the fix (one line per problem)
+        sys.stderr.write(f"error: {e}\n")
+        return EXIT_INPUT
+    except RuntimeError as e:  # the work failed (a gate, a parity check): said, not a traceback
+        sys.stderr.write(f"failed: {e}\n")
+        return EXIT_FAILED
+    return 0

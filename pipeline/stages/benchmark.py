@@ -49,7 +49,7 @@ from edge_runtime.postprocess import FORMAT_RAW, spec_from_metadata
 from edge_runtime.sysinfo import describe_device
 from pipeline.config import paths
 from pipeline.config.params import BaseParams, BenchmarkParams, ExportParams, QuantizeParams
-from pipeline.config.stage_cli import stage_cli, stage_params
+from pipeline.config.stage_cli import run_stage, stage_cli, stage_params
 from pipeline.imagesets.yolo import decode_image
 from pipeline.onnx_models.calibration_sets import calibration_frame_paths, rebuild_calibration_tensors
 from pipeline.onnx_models.load import class_names, input_size, load_onnx, onnx_metadata
@@ -375,4 +375,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_stage(main))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from edge_runtime import preprocess
 from edge_runtime.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from pipeline.config import paths
 from pipeline.config.params import BaseParams, CalibrateParams, ExportParams
-from pipeline.config.stage_cli import stage_cli, stage_params
+from pipeline.config.stage_cli import run_stage, stage_cli, stage_params
 from pipeline.imagesets.yolo import IMAGE_SUFFIXES, decode_image
 from pipeline.tracking.mlflow_runs import lineage_tags, log_metrics, set_tags, stage_run
 
@@ -392,4 +393,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_stage(main))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ import yaml
 from edge_runtime.fileio import atomic_write_json
 from pipeline.config import paths
 from pipeline.config.params import BaseParams, CameraModelParams, CameraParams, DataParams
-from pipeline.config.stage_cli import stage_cli, stage_params
+from pipeline.config.stage_cli import run_stage, stage_cli, stage_params
 from pipeline.imagesets.synthetic import CLASS_NAMES, GeneratorConfig, image_rng, render_image
 from pipeline.imagesets.yolo import (
     IMAGE_SUFFIXES,
@@ -508,4 +509,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_stage(main))

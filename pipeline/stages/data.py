@@ -9,6 +9,7 @@ at the end, so an error leaves the previous `data/defects/` untouched.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import cv2
 from edge_runtime.fileio import atomic_write_json
 from pipeline.config import paths
 from pipeline.config.params import BaseParams, DataParams
-from pipeline.config.stage_cli import stage_cli, stage_params
+from pipeline.config.stage_cli import run_stage, stage_cli, stage_params
 from pipeline.imagesets.synthetic import CLASS_NAMES, GeneratorConfig, image_rng, render_image
 from pipeline.imagesets.yolo import DatasetSummary, DatasetWriter, Sample, decode_image, import_voc, import_yolo
 from pipeline.tracking.mlflow_runs import lineage_tags, log_metrics, set_tags, stage_run
@@ -103,4 +104,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_stage(main))

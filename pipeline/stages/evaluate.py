@@ -25,6 +25,7 @@ import csv
 import io
 import json
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ from pipeline.accuracy.mean_ap import (
 )
 from pipeline.config import paths
 from pipeline.config.params import BaseParams, EvaluateParams, QuantizeParams
-from pipeline.config.stage_cli import stage_cli, stage_params
+from pipeline.config.stage_cli import run_stage, stage_cli, stage_params
 from pipeline.config.ultralytics_env import import_ultralytics
 from pipeline.onnx_models.calibration_sets import load_calibration_tensors
 from pipeline.onnx_models.graph import set_metadata
@@ -329,4 +330,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_stage(main))

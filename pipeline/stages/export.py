@@ -13,6 +13,7 @@ tolerances in params.
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from edge_runtime.fileio import atomic_write_bytes, atomic_write_json, sha256_fi
 from edge_runtime.preprocess import preprocess
 from pipeline.config import paths
 from pipeline.config.params import BaseParams, ExportParams
-from pipeline.config.stage_cli import stage_cli, stage_params
+from pipeline.config.stage_cli import run_stage, stage_cli, stage_params
 from pipeline.config.ultralytics_env import VOLATILE_ONNX_METADATA, import_ultralytics
 from pipeline.imagesets.yolo import decode_image, iter_split_files
 from pipeline.tracking.mlflow_runs import lineage_tags, log_artifact, log_metrics, set_tags, stage_run
@@ -161,4 +162,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_stage(main))

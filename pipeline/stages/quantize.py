@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from pipeline.accuracy.mean_ap import (
 )
 from pipeline.config import paths
 from pipeline.config.params import BaseParams, QuantizeParams
-from pipeline.config.stage_cli import stage_cli, stage_params
+from pipeline.config.stage_cli import run_stage, stage_cli, stage_params
 from pipeline.onnx_models.calibration_sets import load_calibration_tensors
 from pipeline.onnx_models.graph import metadata, set_metadata
 from pipeline.onnx_models.int8_candidates import (
@@ -381,4 +382,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_stage(main))

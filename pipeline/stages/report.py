@@ -25,6 +25,7 @@ import io
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -34,7 +35,7 @@ import numpy as np
 from edge_runtime.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from pipeline.config import paths
 from pipeline.config.params import QuantizeParams, ReportParams
-from pipeline.config.stage_cli import stage_cli, stage_params
+from pipeline.config.stage_cli import run_stage, stage_cli, stage_params
 from pipeline.fleet.results import bench_metrics
 from pipeline.tracking.mlflow_runs import lineage_tags, log_artifact, log_metrics, set_tags, stage_run, tracking_uri
 
@@ -631,4 +632,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_stage(main))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from typing import Any
 from edge_runtime.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from pipeline.config import paths
 from pipeline.config.params import BaseParams, TrainParams
-from pipeline.config.stage_cli import stage_cli, stage_params
+from pipeline.config.stage_cli import run_stage, stage_cli, stage_params
 from pipeline.config.ultralytics_env import import_ultralytics
 from pipeline.tracking.mlflow_runs import (
     lineage_tags,
@@ -230,4 +231,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_stage(main))
