@@ -226,3 +226,30 @@ def test_main_writes_metrics(tmp_path: Path, repo_params: dict, train_yaml: Path
     assert m["source"] == "synthetic" and m["labelled_images"] == 3
     assert set(m["cameras"]) == {c["id"] for c in p["camera"]["synthetic"]["cameras"]}
     assert all({"brightness_mean", "channel_mean_bgr", "channel_std_bgr"} <= set(c) for c in m["cameras"].values())
+
+
+def test_ingest_refuses_dangling_and_escaping_frame_links(tmp_path: Path) -> None:
+    """A frame that is a symlink must lead to a file inside the ingest folder: a dangling link or one
+    leading out is an error naming it, never a frame that silently goes missing."""
+    import cv2
+    import numpy as np
+
+    from pipeline.imagesets.yolo import DatasetError
+    from pipeline.stages.camera import ingest_frames
+
+    ingest = tmp_path / "ingest"
+    cam = ingest / "cam1"
+    cam.mkdir(parents=True)
+    cv2.imwrite(str(cam / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    (cam / "b.png").symlink_to(cam / "a-missing.png")
+    with pytest.raises(DatasetError, match=r"b\.png: a dangling symlink"):
+        ingest_frames(ingest, tmp_path / "out1", video_fps=2.0)
+    (cam / "b.png").unlink()
+    outside = tmp_path / "elsewhere.png"
+    cv2.imwrite(str(outside), np.zeros((8, 8, 3), np.uint8))
+    (cam / "b.png").symlink_to(outside)
+    with pytest.raises(DatasetError, match=r"b\.png: a symlink to .*outside the import folder"):
+        ingest_frames(ingest, tmp_path / "out2", video_fps=2.0)
+    (cam / "b.png").unlink()
+    (cam / "b.png").symlink_to(cam / "a.png")  # inside: followed
+    assert ingest_frames(ingest, tmp_path / "out3", video_fps=2.0)["cam1"].frames == 2

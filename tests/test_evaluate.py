@@ -300,3 +300,26 @@ def test_paired_bootstrap_map_interval() -> None:
     assert diff["diff"] == pytest.approx(0.5, abs=0.01) and diff["ci_low"] > 0.3
     with pytest.raises(ValueError, match="same non-empty image list"):
         paired_bootstrap_map(good, worse[:10], ["a", "b"], resamples=5, seed=0)
+
+
+def test_scoring_refuses_a_label_it_cannot_read(tmp_path: Path) -> None:
+    """No label file is a background image; a label that is a dangling symlink or not UTF-8 is an
+    error naming it (its defects would otherwise vanish from the score)."""
+    import cv2
+    import numpy as np
+
+    from pipeline.accuracy.mean_ap import load_split
+    from pipeline.imagesets.yolo import DatasetError
+
+    (tmp_path / "images" / "val").mkdir(parents=True)
+    (tmp_path / "labels" / "val").mkdir(parents=True)
+    for name in ("a", "b"):
+        cv2.imwrite(str(tmp_path / "images" / "val" / f"{name}.png"), np.zeros((8, 8, 3), np.uint8))
+    assert [len(x.classes) for x in load_split(tmp_path, "val", 2)] == [0, 0]  # no labels: background
+    (tmp_path / "labels" / "val" / "b.txt").symlink_to(tmp_path / "gone.txt")
+    with pytest.raises(DatasetError, match=r"b\.txt: cannot be read"):
+        load_split(tmp_path, "val", 2)
+    (tmp_path / "labels" / "val" / "b.txt").unlink()
+    (tmp_path / "labels" / "val" / "b.txt").write_bytes(b"0 0.5 0.5 0.2 0.2\xff\n")
+    with pytest.raises(DatasetError, match=r"b\.txt: not UTF-8"):
+        load_split(tmp_path, "val", 2)

@@ -442,3 +442,13 @@ def test_data_stage_refuses_bad_import_and_writes_nothing(tmp_path: Path, repo_p
         assert not [q for q in tmp_path.iterdir() if q.name.startswith(".defects")]  # no temp litter
         label.unlink()
         label.write_bytes(good)
+
+
+def test_class_list_yaml_with_a_key_twice_is_refused(tmp_path: Path) -> None:
+    """data.yaml listing `names:` twice is an error naming the key and both lines, not the last one winning."""
+    from pipeline.imagesets.yolo import _names_from_yaml
+
+    f = tmp_path / "data.yaml"
+    f.write_text("names: [dent, rust]\nnc: 2\nnames: [rust, dent]\n")
+    with pytest.raises(DatasetError, match=r"data\.yaml: duplicate key 'names' \(lines 1 and 3\)"):
+        _names_from_yaml(f)

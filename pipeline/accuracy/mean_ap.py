@@ -35,7 +35,7 @@ from edge_runtime.postprocess import (
     xywh_to_xyxy,
 )
 from edge_runtime.preprocess import Letterbox, preprocess
-from pipeline.imagesets.yolo import decode_image, iter_split_files, validate_label_text
+from pipeline.imagesets.yolo import decode_image, iter_split_files, read_text, validate_label_text
 
 VAL_CONF = 0.001
 VAL_IOU = 0.7
@@ -87,7 +87,10 @@ def load_split(dataset_dir: Path, split: str, num_classes: int, limit: int | Non
             break
         image = decode_image(image_path)
         h, w = image.shape[:2]
-        rows = validate_label_text(label_path.read_text() if label_path.is_file() else "", label_path, num_classes)
+        # No label file = a background image (YOLO's convention). One that exists but cannot be read
+        # (a dangling symlink, not UTF-8) is an error naming it, never an empty label.
+        present = label_path.exists() or label_path.is_symlink()
+        rows = validate_label_text(read_text(label_path, "label file"), label_path, num_classes) if present else ()
         arr = np.array([r[1:] for r in rows], np.float64).reshape(-1, 4)
         boxes = np.stack([(arr[:, 0] - arr[:, 2] / 2) * w, (arr[:, 1] - arr[:, 3] / 2) * h,
                           (arr[:, 0] + arr[:, 2] / 2) * w, (arr[:, 1] + arr[:, 3] / 2) * h], 1)

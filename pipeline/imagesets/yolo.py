@@ -28,6 +28,8 @@ import cv2
 import numpy as np
 import yaml
 
+from pipeline.config.params import DuplicateKeyError, load_yaml
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "val", "test")
 EDGE_TOLERANCE = 1e-3  # normalised boxes may overshoot the image edge by rounding, not more
@@ -83,8 +85,10 @@ def _show(text: str, limit: int = 60) -> str:
 # ------------------------------------------------------------------------------------------
 
 
-def _follow_link(link: Path, root_real: Path) -> Path:
+def follow_link(link: Path, root_real: Path) -> Path:
     """The real path `link` (a symlink) leads to; DatasetError unless it exists inside `root_real`.
+
+    The one symlink rule of every import (datasets, labelled camera frames, ingested frames).
 
     A dangling link would make its image vanish or its label read as empty; a loop never ends; a
     target outside the import folder is data the dataset's hash and `dvc status` do not cover.
@@ -114,7 +118,7 @@ def _follow_link(link: Path, root_real: Path) -> Path:
 def _present(path: Path, root_real: Path) -> bool:
     """Whether `path` exists; a symlink is followed only inside `root_real` (a bad one is an error)."""
     if path.is_symlink():
-        _follow_link(path, root_real)
+        follow_link(path, root_real)
         return True
     return path.exists()
 
@@ -127,7 +131,7 @@ def _walk(top: Path, root_real: Path) -> list[Path]:
     own ancestor, or two links to one folder) and a file reached twice (two links to one image:
     it would be trained and scored twice, maybe in two splits) are errors too.
     """
-    top_real = _follow_link(top, root_real) if top.is_symlink() else top.resolve()
+    top_real = follow_link(top, root_real) if top.is_symlink() else top.resolve()
     files: list[Path] = []
     dirs_seen: dict[Path, Path] = {}
     files_seen: dict[Path, Path] = {}
@@ -149,7 +153,7 @@ def _walk(top: Path, root_real: Path) -> list[Path]:
             if entry.name.startswith("."):
                 continue  # .gitkeep, .DS_Store, .ipynb_checkpoints, partial downloads: not data
             path = folder / entry.name
-            target = _follow_link(path, root_real) if entry.is_symlink() else real / entry.name
+            target = follow_link(path, root_real) if entry.is_symlink() else real / entry.name
             if target.is_dir():
                 visit(path, target, ancestors | {real})
             elif target.is_file():
@@ -334,9 +338,11 @@ def validate_class_names(names: Sequence[Any], source: Path) -> tuple[str, ...]:
 
 def _names_from_yaml(f: Path) -> tuple[str, ...]:
     try:
-        doc = yaml.safe_load(read_text(f, "class list"))
+        doc = load_yaml(read_text(f, "class list"))  # a class listed twice is an error, not the last one winning
+    except DuplicateKeyError as e:
+        raise DatasetError(f"{f}: {e}") from None
     except yaml.YAMLError as e:
-        raise DatasetError(f"{f}: not valid YAML ({e}); fix the syntax") from e
+        raise DatasetError(f"{f}: not valid YAML ({' '.join(str(e).split())}); fix the syntax") from None
     if not isinstance(doc, dict) or "names" not in doc:
         raise DatasetError(f"{f}: no 'names:' key; list the class names (names: [dent, rust] or 0: dent ...)")
     names = doc["names"]

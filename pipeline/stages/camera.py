@@ -45,6 +45,7 @@ from pipeline.imagesets.yolo import (
     IMAGE_SUFFIXES,
     DatasetError,
     decode_image,
+    follow_link,
     format_label,
     import_yolo,
     validate_class_names,
@@ -293,12 +294,18 @@ class _LabelledWriter:
         return self.images, self.instances
 
 
-def _media_files(cam_dir: Path) -> tuple[list[Path], list[Path]]:
-    """Sorted (images, videos) in one camera folder; any other file is an error naming it."""
+def _media_files(cam_dir: Path, root_real: Path) -> tuple[list[Path], list[Path]]:
+    """Sorted (images, videos) in one camera folder; any other file is an error naming it.
+
+    A symlink is followed only to a file inside the ingest folder `root_real` (`follow_link`): a
+    dangling one or one leading out is an error, never a frame that silently goes missing.
+    """
     images, videos = [], []
     for f in sorted(cam_dir.iterdir()):
         if f.name.startswith("."):
             continue  # .gitkeep, editor/OS droppings, partial downloads
+        if f.is_symlink():
+            follow_link(f, root_real)
         suffix = f.suffix.lower()
         if f.is_dir():
             raise DatasetError(f"{f}: a folder inside camera folder {cam_dir}; put frames directly in "
@@ -363,7 +370,7 @@ def ingest_frames(ingest_dir: Path, frames_dir: Path, video_fps: float) -> dict[
                            "(`fab collect-frames` does) or set camera.source: synthetic")
     stats: dict[str, FrameStats] = {}
     for cam_dir in cameras:
-        images, videos = _media_files(cam_dir)
+        images, videos = _media_files(cam_dir, ingest_dir.resolve())
         if not images and not videos:
             raise DatasetError(f"camera folder {cam_dir} is empty; add frames or delete the folder")
         out = frames_dir / cam_dir.name
