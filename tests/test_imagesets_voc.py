@@ -195,3 +195,12 @@ def test_data_stage_refuses_bad_voc_and_writes_nothing(tmp_path: Path, repo_para
     assert {q.relative_to(out): q.read_bytes() for q in out.rglob("*") if q.is_file()} == before
     assert metrics.read_bytes() == before_metrics
     assert not [q for q in tmp_path.iterdir() if q.name.startswith(".defects")]
+
+
+def test_voc_size_that_disagrees_with_the_image_is_refused(tmp_path: Path) -> None:
+    """<size> says 200x100; an image of another size would put every box in the wrong place."""
+    _tree(tmp_path)
+    _img(tmp_path / "IMAGES" / "im2.jpg", size=(120, 200))
+    with pytest.raises(DatasetError, match=r"im2\.xml: <size> says 200x100 but image .*im2\.jpg is 200x120; fix "
+                                           r"<size> \(or remove it"):
+        import_voc(tmp_path, 0.34, 0.0, seed=0)

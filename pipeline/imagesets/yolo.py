@@ -695,10 +695,11 @@ def import_voc(root: Path, val_fraction: float, test_fraction: float,
     assignment = split_names(stems, val_fraction, test_fraction, seed)
     samples = []
     for (xml_path, ann), image in zip(parsed, located):
-        if ann.size is not None:
-            width, height = ann.size
-        else:
-            height, width = decode_image(image).shape[:2]
+        # The image decides the size: a <size> that disagrees would put every box in the wrong place.
+        height, width = decode_image(image).shape[:2]
+        if ann.size is not None and ann.size != (width, height):
+            raise DatasetError(f"annotation {xml_path}: <size> says {ann.size[0]}x{ann.size[1]} but image {image} is "
+                               f"{width}x{height}; fix <size> (or remove it to use the image's size)")
         labels = voc_labels(ann, xml_path, width, height, names, class_source)
         samples.append(Sample(assignment[image.stem], image.stem, image, labels))
     return names, samples
