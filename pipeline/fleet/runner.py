@@ -286,8 +286,9 @@ def deploy(inventory: Inventory, group: str | None = None, host: str | None = No
     """
     start = time.perf_counter()
     sources = sources or Sources.default()
-    check_model(model, sources.models_dir)
+    # Which hosts first: an unknown group is the first thing to say, even where no model is built yet.
     hosts = [resolve_local_host(h, inventory) for h in inventory.select(group, host)]
+    check_model(model, sources.models_dir)
     results_dir = results_dir or paths.repo_root() / "reports" / "fleet"
     stamp = utc_stamp()
     _check_model_files(hosts, sources, model)
