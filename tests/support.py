@@ -92,3 +92,12 @@ def healthz(port: int, host: str = "127.0.0.1") -> dict[str, Any] | None:
         return json.loads(e.read())
     except OSError:
         return None
+
+
+def shipped_runtime(dest: Path) -> Path:
+    """`dest` holding only a copy of runtime/edge_runtime/ (what the fleet ships), returned as the
+    working directory a device runs `python -m edge_runtime` from: a stray import from the
+    workstation side fails there, as it would on a Pi."""
+    shutil.copytree(REPO / "runtime" / "edge_runtime", dest / "edge_runtime",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return dest

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import glob
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List
 
 import pytest
+from support import shipped_runtime
 
 from edge_runtime.manifest import ThermalSettings
 from edge_runtime.release import VariantFiles, assemble_release
@@ -22,10 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("runtime")
-    shutil.copytree(REPO / "runtime" / "edge_runtime", root / "edge_runtime",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    return root
+    return shipped_runtime(tmp_path_factory.mktemp("runtime"))
 
 
 @pytest.fixture

@@ -5,12 +5,12 @@ from __future__ import annotations
 import copy
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from support import shipped_runtime
 
 from edge_runtime.fileio import sha256_file
 from edge_runtime.manifest import (
@@ -330,10 +330,7 @@ def test_enumerations_match_the_modules_that_use_them() -> None:
 
 @pytest.fixture(scope="module")
 def runtime_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("runtime")
-    shutil.copytree(REPO / "runtime" / "edge_runtime", root / "edge_runtime",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    return root
+    return shipped_runtime(tmp_path_factory.mktemp("runtime"))
 
 
 def _health(runtime: Path, release: Path) -> dict:

@@ -13,7 +13,6 @@ import glob
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,7 +28,7 @@ from typing import Any, Dict, Optional, Tuple
 import cv2
 import numpy as np
 import pytest
-from support import free_port, healthz, wait_for  # noqa: E402
+from support import free_port, healthz, shipped_runtime, wait_for  # noqa: E402
 
 from edge_runtime.manifest import PostprocessSettings, ThermalSettings, load_manifest
 from edge_runtime.realtime import FrameSource, RealtimeLoop, SyntheticSource
@@ -52,10 +51,7 @@ def service_doc(tmp: Path, port: int, **over: Any) -> Dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("runtime")
-    shutil.copytree(REPO / "runtime" / "edge_runtime", root / "edge_runtime",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    return root
+    return shipped_runtime(tmp_path_factory.mktemp("runtime"))
 
 
 @pytest.fixture(scope="module")
