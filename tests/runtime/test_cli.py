@@ -17,8 +17,6 @@ from support import shipped_runtime
 from edge_runtime.manifest import ThermalSettings
 from edge_runtime.release import VariantFiles, assemble_release
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -91,7 +91,6 @@ def test_bad_files(tmp_path: Path) -> None:
 # Every name inside the release, every field of the right type (manifest_from_json / load_manifest)
 # --------------------------------------------------------------------------------------------
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _doc(tmp_path: Path, **overrides: object) -> dict:

@@ -37,7 +37,6 @@ from edge_runtime.service import Service, open_detectors
 from edge_runtime.service_config import ServiceConfigError, config_from_json, config_to_json, load_service_config
 
 pytest_plugins = ["browser", "mqtt_broker"]
-REPO = Path(__file__).resolve().parents[2]
 
 
 def service_doc(tmp: Path, port: int, **over: Any) -> Dict[str, Any]:
