@@ -5,8 +5,8 @@
   fab benchmark --group local         fab collect-frames --group pis --count 50
 
 Every task takes --inventory (default inventory.yaml, or $FLEET_INVENTORY). Exit codes: 2 for bad
-input (an option value, the inventory, a group, a model's files: one `error: ...` line, before any
-host is contacted), 1 when any host failed (the table above it says which and why) or the MLflow
+input (an option value, an unknown option or task, the inventory, a group, a model's files: one
+`error: ...` line, before any host is contacted), 1 when any host failed (the table above it says which and why) or the MLflow
 run could not be written, 0 otherwise.
 """
 
@@ -15,14 +15,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from fabric import main as fabric_main
 from fabric import task
 from invoke.exceptions import Exit
 
 from pipeline.fleet import runner
 from pipeline.fleet.artifacts import ArtifactError
+from pipeline.fleet.fab_cli import usage_errors_exit_2
 from pipeline.fleet.inventory import InventoryError, load_inventory
 from pipeline.fleet.results import format_table
 from pipeline.tracking.mlflow_runs import TrackingServerUnreachable
+
+# `fab` itself is fabric.main.program; its task-line parse errors (`fab deploy --bogus`) exit 2.
+usage_errors_exit_2(fabric_main.program)
 
 
 def _inventory(path: str | None):

@@ -13,4 +13,5 @@ Modules:
               `activate` runs verify, engine, health, switch and bench in one SSH command
   runner      run steps on many hosts in parallel, collect per-host results, print the table
   mlflow_log  one MLflow run per fleet command, one nested run per device
+  fab_cli     `fab`'s own parse errors (unknown task or option) exit 2 like other usage errors
 """

@@ -355,6 +355,9 @@ HOSTILE = [
     (["status", "--host", "../pi1"], "unknown host '../pi1'"),
     (["rollback", "--host", "pi2"], "unknown host 'pi2'"),
     (["provision", "--base-python", "python3;id"], "--base-python 'python3;id': letters, digits"),
+    # invoke's own parse errors (an unknown option or task) are usage errors too: exit 2, not 1.
+    (["deploy", "--bogus"], "No idea what '--bogus' is!"),
+    (["deploy-everything"], "No idea what 'deploy-everything' is!"),
 ]
 
 
