@@ -6,8 +6,8 @@
 
 Every task takes --inventory (default inventory.yaml, or $FLEET_INVENTORY). Exit codes: 2 for bad
 input (an option value, an unknown option or task, the inventory, a group, a model's files: one
-`error: ...` line, before any host is contacted), 1 when any host failed (the table above it says which and why) or the MLflow
-run could not be written, 0 otherwise.
+`error: ...` line, before any host is contacted), 1 when any host failed (the table above it says
+which and why) or the MLflow run could not be written, 0 otherwise.
 """
 
 from __future__ import annotations
