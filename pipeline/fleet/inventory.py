@@ -2,8 +2,9 @@
 
 A host's fields are the top-level `defaults:`, then its group's `defaults:`, then its own values
 (later wins; `null` unsets). The nested `service:` mapping (the detector as a supervised service,
-`ServiceSettings`) is merged key by key the same way, so a host can change one service setting
-without repeating the others. The merged fields are validated by a strict pydantic model
+`ServiceSettings`) and `shadow:` mapping (how a candidate is judged in shadow, `ShadowSettings`)
+are merged key by key the same way, so a host can change one setting without repeating the
+others. The merged fields are validated by a strict pydantic model
 (`_HostFields`: exact types, no unknown or missing field, ranges for what reaches the device) and
 become a frozen `Host` record. Every problem is one `InventoryError` line naming the file, the
 host and its group, and the field, and saying how to fix it.
@@ -253,6 +254,47 @@ class ServiceSettings(_Strict):
 SERVICE_OFF = ServiceSettings(enabled=False)
 
 
+class ShadowSettings(_Strict):
+    """A host's `shadow:` section: how `fab shadow` (and a staged deploy's canaries) judge a candidate.
+
+    The candidate release runs inside the service beside `current` on every `every_k`-th live
+    frame (`edge_runtime.shadow`), until `frames` frames were compared or `minutes` passed
+    (`--frames` / `--minutes` override both). It passes when all of these hold:
+      - at least `min_frames` frames were compared (a shadow that saw nothing proves nothing);
+      - box-level F1 at IoU 0.5 against `current` >= `min_f1` (where either model detected anything);
+      - per-class F1 >= `min_class_f1` for each class `current` detected at least `min_class_support`
+        times (rarer classes are reported, not judged: a few boxes make a noisy F1);
+      - mean |detections per frame, candidate - current| <= `max_abs_count_delta`;
+      - candidate P95 latency <= `max_p95_ratio` x current's (null: not judged; both run on the
+        device's CPU at once, so this bounds a regression, it is not the benchmark);
+      - candidate errors (inference exceptions) <= `max_errors`, and it loaded at all.
+    Merged key by key across defaults -> group -> host, like `service:`.
+    """
+
+    every_k: int = Field(default=3, ge=1, le=1000)
+    frames: int = Field(default=300, ge=1, le=10_000_000)
+    minutes: float | None = Field(default=10.0, gt=0.0, le=7 * 24 * 60.0)
+    threads: int = Field(default=1, ge=1, le=1024)  # the candidate's ONNX Runtime threads
+    min_frames: int = Field(default=30, ge=1, le=10_000_000)
+    min_f1: float = Field(default=0.9, ge=0.0, le=1.0)
+    min_class_f1: float = Field(default=0.8, ge=0.0, le=1.0)
+    min_class_support: int = Field(default=20, ge=1, le=10_000_000)
+    max_abs_count_delta: float = Field(default=0.5, ge=0.0, le=1e6)
+    max_p95_ratio: float | None = Field(default=2.0, gt=0.0, le=1e3)
+    max_errors: int = Field(default=0, ge=0, le=10_000_000)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ShadowSettings:
+        if self.min_frames > self.frames:
+            raise rule("min_frames", f"is {self.min_frames}, above frames ({self.frames}): such a shadow could "
+                                     "never pass; lower min_frames or raise frames")
+        return self
+
+
+SHADOW_DEFAULTS = ShadowSettings()
+NESTED_SECTIONS = ("service", "shadow")  # merged key by key across defaults -> group -> host
+
+
 @dataclass(frozen=True)
 class Host:
     """One device, after group defaults and per-host overrides are merged and validated."""
@@ -282,6 +324,7 @@ class Host:
     iou: float
     max_det: int
     service: ServiceSettings = field(default=SERVICE_OFF)  # the supervised `serve` (enabled: false = none)
+    shadow: ShadowSettings = field(default=SHADOW_DEFAULTS)  # how a candidate is judged in shadow
 
     @property
     def is_local(self) -> bool:
@@ -355,6 +398,7 @@ class _HostFields(_Strict):
     iou: float = Field(ge=0.0, le=1.0)
     max_det: int = Field(ge=1, le=100_000)
     service: ServiceSettings = SERVICE_OFF  # absent = no service (the deploy then only benchmarks)
+    shadow: ShadowSettings = SHADOW_DEFAULTS
 
     @model_validator(mode="after")
     def _consistent(self) -> _HostFields:
@@ -441,24 +485,28 @@ def _build_host(path: Path, name: str, group: str, layers: list[tuple[str, Mappi
     origin: dict[str, str] = {}
     for label, layer in layers:
         for key, value in layer.items():
-            if key == "service" and isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            if key in NESTED_SECTIONS and isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
                 merged[key] = {**merged[key], **value}  # nested: key by key, not replaced wholesale
             else:
                 merged[key] = dict(value) if isinstance(value, Mapping) else value
             origin[str(key)] = label
-            if key == "service" and isinstance(value, Mapping):
-                origin.update({f"service.{k}": label for k in value})
+            if key in NESTED_SECTIONS and isinstance(value, Mapping):
+                origin.update({f"{key}.{k}": label for k in value})
     # `null` unsets: the field falls back to its default, or is reported missing.
     values = {k: v for k, v in merged.items() if v is not None}
     if isinstance(values.get("service"), Mapping):
         values["service"] = {k: v for k, v in values["service"].items() if v is not None or k in ("fps", "variant")}
+    if isinstance(values.get("shadow"), Mapping):  # null: no time cap (minutes), not judged (max_p95_ratio)
+        values["shadow"] = {k: v for k, v in values["shadow"].items()
+                            if v is not None or k in ("minutes", "max_p95_ratio")}
     try:
         f = _HostFields.model_validate(values)
     except ValidationError as e:
         errors.extend(_host_line(path, name, group, p, origin) for p in problems(e, _HostFields))
         return None
     frames_dir = f.frames_dir or f.deploy_dir.rstrip("/") + "/frames"
-    return Host(name=name, group=group, **{**f.model_dump(), "frames_dir": frames_dir, "service": f.service})
+    return Host(name=name, group=group, **{**f.model_dump(), "frames_dir": frames_dir, "service": f.service,
+                                           "shadow": f.shadow})
 
 
 def _device(h: Host) -> tuple[str, int, str, str]:

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from pipeline.fleet.inventory import Host
 from pipeline.fleet.results import HostResult, bench_metrics
 
-STAGE_TAG = {"deploy": "deploy", "benchmark": "fleet-benchmark"}
+STAGE_TAG = {"deploy": "deploy", "benchmark": "fleet-benchmark", "shadow": "shadow"}
 
 
 def _versions(doc: Mapping[str, Any]) -> dict[str, str]:
@@ -57,6 +57,7 @@ def lineage_device_tags(source: Mapping[str, Any]) -> dict[str, str]:
 def host_tags(host: Host, r: HostResult) -> dict[str, str]:
     """The comparable tag set of one device run."""
     tags = {**host.public_tags(), "outcome": r.outcome, "release": r.release, "runtime_code": r.runtime,
+            "rollout_stage": str(r.details.get("stage", "")),
             "model_sha256": str(r.details.get("model_sha256", "")),
             "engine_key": str(r.engine.get("key", "")), "engine_sha256": str(r.engine.get("sha256", "")),
             "engine_reused": str(r.engine.get("reused", "")),
@@ -75,6 +76,10 @@ def _metrics(r: HostResult) -> dict[str, float]:
         out.update(bench_metrics(r.bench))
     if isinstance(r.health.get("latency_ms"), (int, float)):
         out["health_latency_ms"] = float(r.health["latency_ms"])
+    shadow = r.details.get("shadow") or {}
+    out.update(shadow.get("metrics") or {})
+    if "passed" in shadow:
+        out["shadow_passed"] = float(bool(shadow["passed"]))
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
@@ -97,6 +102,9 @@ def log_fleet_run(run: Any, hosts: Mapping[str, Host], models_dir: Path | None =
                                tags={"stage": STAGE_TAG.get(run.command, run.command), "git_commit": git_commit(),
                                      "fleet_command": run.command})
     pid = parent.info.run_id
+    rollout = getattr(run, "rollout", None) or {}
+    if rollout.get("stopped"):
+        client.set_tag(pid, "rollout_stopped", f"{rollout.get('stopped_at')}: {', '.join(rollout.get('by') or [])}")
     client.log_batch(pid, params=[Param(k, str(v)) for k, v in sorted(run.options.items())],
                      metrics=[Metric(k, float(v), now, 0) for k, v in {
                          "hosts": len(run.results), "hosts_ok": len(run.results) - len(failed),
@@ -114,6 +122,9 @@ def log_fleet_run(run: Any, hosts: Mapping[str, Host], models_dir: Path | None =
                          tags=[RunTag("mlflow.note.content", _note(r))])
         if r.bench_path and Path(r.bench_path).is_file():
             client.log_artifact(cid, r.bench_path, artifact_path="bench")
+        shadow_path = (r.details.get("shadow") or {}).get("path")
+        if shadow_path and Path(shadow_path).is_file():
+            client.log_artifact(cid, shadow_path, artifact_path="shadow")
         client.set_terminated(cid, "FINISHED" if r.ok else "FAILED")
     if run.command == "deploy":
         from pipeline.fleet.artifacts import Sources

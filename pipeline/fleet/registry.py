@@ -9,7 +9,8 @@ does group G run" in one place) gets:
 - the alias `G` (e.g. `pis`, `jetsons`) moved to the version the group now runs.
 
 A deploy that left some host of the group on its old release moves no alias: the group is then
-mixed, and the alias keeps naming what the group last ran as a whole. `--host` deploys and
+mixed, and the alias keeps naming what the group last ran as a whole. A staged rollout that
+stopped moves none either; the rerun that completes it does (hosts already on the release count). `--host` deploys and
 dry runs move none either. Groups whose hosts run different files (mixed runtimes) get one alias
 per runtime and precision: `G-tensorrt-fp16`.
 """
@@ -123,6 +124,8 @@ def register_deploy(client: Any, run: Any, hosts: Mapping[str, Host], deploy_run
     if run.command != "deploy" or run.options.get("dry_run") or not group or run.options.get("host"):
         return {}
     name = REGISTERED_MODEL
+    if run.options.get("rollout_stopped"):  # hosts not reached still run the old model: the group is mixed
+        return {alias_name(group): "not moved: the staged rollout stopped before every host went live"}
     aliases, reason = group_aliases(run.results, hosts, group)
     if not aliases:
         return {alias_name(group): reason}

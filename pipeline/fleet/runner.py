@@ -11,8 +11,10 @@ Option values (`model`, `count`, `soak_minutes`) are checked before any host is 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import posixpath
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from edge_runtime.fileio import atomic_write_text
 from pipeline.config import paths
+from pipeline.fleet import shadow as shadow_judge
 from pipeline.fleet import steps
 from pipeline.fleet.artifacts import (
     ArtifactError,
@@ -39,6 +43,7 @@ from pipeline.fleet.artifacts import (
 from pipeline.fleet.connection import connect
 from pipeline.fleet.inventory import Host, Inventory
 from pipeline.fleet.results import HostResult, bench_metrics
+from pipeline.fleet.shadow import ShadowPlan
 
 DEFAULT_MODEL = "yolov8n"
 DEFAULT_COUNT = 50  # collect-frames: newest frames per device
@@ -61,6 +66,7 @@ class FleetRun:
     mlflow_run_id: str = ""
     registry: dict[str, str] = field(default_factory=dict)  # deploy: alias -> registry version (or why not)
     mlflow_error: str = ""
+    rollout: dict[str, Any] = field(default_factory=dict)  # a staged deploy's summary (staged_rollout)
 
 
 # --- option values: checked before any host is contacted --------------------------------------
@@ -119,6 +125,108 @@ def check_model(model: Any, models_dir: Path) -> str:
                             f"{', '.join(p.name for p in files.values())}); models there: "
                             f"{', '.join(known) or 'none'} (run `dvc repro` to build them)")
     return model
+
+
+_PERCENT = re.compile(r"\A([0-9]+(?:\.[0-9]+)?)%\Z")
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """A staged deploy: `canary` hosts first (shadow, then switch), then batches of `batch` hosts
+    (`batch_percent` % of all selected hosts, at least 1, when given as a percentage; neither =
+    the rest in one batch), stopping when a batch's failures exceed `max_fail_percent` %."""
+
+    canary: int = 0
+    batch: int | None = None
+    batch_percent: float | None = None
+    max_fail_percent: float = 0.0
+
+    @property
+    def batch_text(self) -> str:
+        """The batch as given: '4', '25%' or '' (all)."""
+        if self.batch_percent is not None:
+            return f"{self.batch_percent:g}%"
+        return str(self.batch) if self.batch is not None else ""
+
+    def check(self) -> None:
+        """ValueError naming the option when a value is out of its domain."""
+        if isinstance(self.canary, bool) or not isinstance(self.canary, int) or self.canary < 0:
+            raise ValueError(f"--canary {self.canary!r}: give a whole number of canary hosts, 0 or more")
+        if self.batch is not None and (isinstance(self.batch, bool) or not isinstance(self.batch, int)
+                                       or self.batch < 1):
+            raise ValueError(f"--batch {self.batch!r}: give a whole number of hosts (at least 1) or a percentage "
+                             "such as 25%")
+        if self.batch_percent is not None and not (isinstance(self.batch_percent, (int, float))
+                                                   and 0.0 < self.batch_percent <= 100.0):
+            raise ValueError(f"--batch {self.batch_percent!r}%: a percentage in (0, 100]")
+        p = self.max_fail_percent
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0.0 <= p <= 100.0:
+            raise ValueError(f"--max-fail-percent {p!r}: a percentage from 0 to 100 (0 = stop at the first "
+                             "failure)")
+
+    def batch_size(self, total: int) -> int:
+        """Hosts per batch for a rollout over `total` selected hosts (Ansible's `serial`)."""
+        if self.batch_percent is not None:
+            return max(1, int(total * self.batch_percent / 100.0))
+        return self.batch if self.batch is not None else max(1, total)
+
+
+def parse_rollout(canary: Any = None, batch: Any = None, max_fail_percent: Any = None) -> Rollout | None:
+    """`--canary N --batch B|P% --max-fail-percent P` from the command line -> a checked Rollout,
+    or None when none of them was given (a plain deploy, every host at once)."""
+    if canary is None and batch is None and max_fail_percent is None:
+        return None
+
+    def whole(text: Any, option: str, minimum: int) -> int:
+        value = str(text).strip()
+        if not _WHOLE.match(value) or int(value) < minimum:
+            raise ValueError(f"{option} {text!r}: give a whole number, at least {minimum}")
+        return int(value)
+
+    n = whole(canary, "--canary", 0) if canary is not None else 0
+    size, percent = None, None
+    if batch is not None:
+        m = _PERCENT.match(str(batch).strip())
+        if m:
+            percent = float(m.group(1))
+            if not 0.0 < percent <= 100.0:
+                raise ValueError(f"--batch {batch!r}: a percentage in (0, 100], e.g. 25%")
+        else:
+            try:
+                size = whole(batch, "--batch", 1)
+            except ValueError:
+                raise ValueError(f"--batch {batch!r}: give a number of hosts (e.g. 4) or a percentage of the "
+                                 "selected hosts (e.g. 25%)") from None
+    fail = 0.0
+    if max_fail_percent is not None:
+        text = str(max_fail_percent).strip().rstrip("%")
+        if not _DECIMAL.match(text) or float(text) > 100.0:
+            raise ValueError(f"--max-fail-percent {max_fail_percent!r}: a percentage from 0 to 100 (e.g. 10)")
+        fail = float(text)
+    rollout = Rollout(n, size, percent, fail)
+    rollout.check()
+    return rollout
+
+
+def parse_frames(text: Any) -> int | None:
+    """`fab shadow --frames F`: None or a whole number >= 1."""
+    if text is None:
+        return None
+    value = str(text).strip()
+    if not _WHOLE.match(value) or int(value) < 1:
+        raise ValueError(f"--frames {text!r}: give a whole number of frames to compare, at least 1 (e.g. 300)")
+    return int(value)
+
+
+def parse_minutes(text: Any) -> float | None:
+    """`fab shadow --minutes M`: None or a number of minutes in (0, a week]."""
+    if text is None:
+        return None
+    value = str(text).strip()
+    if not _DECIMAL.match(value) or not 0 < float(value) <= MAX_SOAK_MINUTES:
+        raise ValueError(f"--minutes {text!r}: give the shadow's length in minutes, a number > 0 and at most "
+                         f"{MAX_SOAK_MINUTES:.0f} (a week), e.g. --minutes 10")
+    return float(value)
 
 
 # --- running a command on every host ----------------------------------------------------------
@@ -266,9 +374,125 @@ def _resolve_releases(hosts: Sequence[Host], sources: Sources, model: str, workd
     return releases, errors
 
 
+class _Deploy:
+    """One deploy's per-host work (`work`), shared by a plain deploy, a staged rollout and `fab shadow`.
+
+    `shadow` set: after the upload the candidate is staged (verified, healthy, not current) and run
+    in shadow inside the service; a failed judgement fails the host before anything switches.
+    `switch` False (`fab shadow`): stop there.
+    """
+
+    def __init__(self, releases: dict[str, Release], errors: dict[str, str], stamp: str, results_dir: Path,
+                 dry_run: bool = False, bench: bool = True) -> None:
+        self.releases, self.errors, self.stamp, self.results_dir = releases, errors, stamp, results_dir
+        self.dry_run, self.bench = dry_run, bench
+
+    def work(self, conn: Any, h: Host, r: HostResult, shadow: ShadowPlan | None = None, switch: bool = True) -> None:
+        """Probe, push, (stage + shadow), activate, fetch the benchmark, check the service."""
+        if h.name in self.errors:
+            r.failed_step = "resolve"
+            raise ArtifactError(self.errors[h.name])
+        rel = self.releases[h.name]
+        r.release, r.runtime = rel.manifest.release, rel.runtime.name
+        r.details.update(model_sha256=rel.manifest.source["model_sha256"],
+                         source_run_id=rel.manifest.source.get("mlflow_run_id", ""),
+                         lineage=dict(rel.manifest.source))
+        with r.step("probe"):
+            state = steps.probe(conn, h, rel.runtime, rel.bundle, dry=self.dry_run)
+        deploy_dir = state["deploy_dir"]
+        r.previous = state["current"] or ""
+        bundles = [("runtime", rel.runtime), ("releases", rel.bundle)]
+        r.details.update(free_bytes=state.get("free_bytes"), bytes_to_send=steps.bytes_to_send(state, bundles))
+        if self.dry_run:
+            for kind, bundle in bundles:
+                need = state[kind][bundle.name]["need"]
+                r.bytes_sent += sum(bundle.entries[n][1] for n in need)
+                r.model_bytes_sent += bundle.model_bytes(need)
+                r.files_sent += [f"{kind}/{bundle.name}/{n}" for n in need]
+            r.details["would_switch"] = state["current"] != rel.manifest.release
+            r.details["would_restart_service"] = h.service.enabled
+            with r.failing_as("push"):
+                steps.check_space(h, state, bundles)
+            r.outcome = "dry-run"
+            return
+        with r.step("push"):
+            steps.check_space(h, state, bundles)
+            publish = steps.upload_bundles(conn, h, bundles, state, r)
+        if shadow is not None:
+            with r.step("stage"):
+                steps.stage(conn, h, deploy_dir, rel.runtime.name, rel.manifest.release, publish, r)
+            publish = []  # published now; activate verifies nothing twice
+            if state["current"] == rel.manifest.release:
+                r.details["shadow"] = {"passed": True, "skipped": "the candidate is already the current release"}
+            else:
+                self._shadow(conn, h, r, deploy_dir, shadow)
+            if not switch:
+                r.outcome = "shadow-passed"
+                return
+        # One command runs verify, (engine), health, switch and bench on the device; their
+        # device-side seconds go into r.timings, `activate` is the whole round trip.
+        with r.step("activate"):
+            done = steps.activate(conn, h, deploy_dir, rel.runtime.name, rel.manifest.release,
+                                  publish, self.stamp if self.bench else None, r)
+        r.outcome = "deployed" if done.switched["changed"] else "unchanged"
+        r.previous = done.switched["previous"] or ""
+        if done.service is not None and done.service.get("enabled", True):
+            r.details["service"] = steps.service_summary(done.service)
+        if done.bench is not None and done.bench_out is not None and done.bench.exited == 0:
+            with r.step("fetch"):  # measured on the new release before its service started
+                _fetch_bench(conn, h, r, done.bench_out, self.results_dir)
+        with r.failing_as("service"):
+            steps.check_service(h, rel.manifest.release, done.service)
+        if done.bench is not None:
+            with r.failing_as("bench"):
+                steps.check_bench(done.bench)
+
+    def _shadow(self, conn: Any, h: Host, r: HostResult, deploy_dir: str, plan: ShadowPlan) -> None:
+        """Run the staged candidate in shadow, keep its report, fail the host unless it passed."""
+        rel = self.releases[h.name]
+        engines = posixpath.join(deploy_dir, "engines") if h.runtime == "tensorrt" else None
+        req = shadow_judge.request(h, f"{self.stamp}-{rel.manifest.release[:12]}", rel.manifest.release, plan, engines)
+        with r.step("shadow"):
+            doc = steps.shadow(conn, h, deploy_dir, req, shadow_judge.wait_timeout(req))
+            reasons = shadow_judge.judge(doc, h.shadow)
+            report = {"kind": "shadow", "created_utc": self.stamp, "host": h.name, "candidate": rel.manifest.release,
+                      "current": r.previous, "passed": not reasons, "reasons": reasons,
+                      "thresholds": h.shadow.model_dump(), "request": req, "result": doc}
+            path = self.results_dir / h.name / f"shadow-{self.stamp}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(report, indent=2, sort_keys=True) + "\n")
+            r.details["shadow"] = {"passed": not reasons, "reasons": reasons, "path": str(path),
+                                   "metrics": shadow_judge.metrics(doc)}
+            if reasons:
+                raise steps.StepError(f"candidate {rel.manifest.release} failed its shadow beside "
+                                      f"{r.previous or 'the current release'}: {'; '.join(reasons)}; "
+                                      f"`current` was not changed (report: {path})")
+
+
+def _prepare(inventory: Inventory, group: str | None, host: str | None, model: str, sources: Sources | None
+             ) -> tuple[list[Host], Sources]:
+    """The selected hosts (local ones resolved) and the checked model: all before any host is contacted."""
+    sources = sources or Sources.default()
+    # Which hosts first: an unknown group is the first thing to say, even where no model is built yet.
+    hosts = [resolve_local_host(h, inventory) for h in inventory.select(group, host)]
+    check_model(model, sources.models_dir)
+    _check_model_files(hosts, sources, model)
+    return hosts, sources
+
+
+def _check_shadow_hosts(hosts: Sequence[Host], what: str) -> None:
+    """A shadow runs inside the service: every host of `what` needs one (else ValueError, exit 2)."""
+    without = [h.name for h in hosts if not h.service.enabled]
+    if without:
+        raise ValueError(f"{what} runs the candidate in shadow inside the detector service, but "
+                         f"{', '.join(without)} {'has' if len(without) == 1 else 'have'} no service (inventory "
+                         "`service: enabled: false`); enable it, or leave these hosts out; no host was contacted")
+
+
 def deploy(inventory: Inventory, group: str | None = None, host: str | None = None, model: str = DEFAULT_MODEL,
            dry_run: bool = False, sources: Sources | None = None, results_dir: Path | None = None,
-           bench: bool = True, log_to_mlflow: bool = True) -> FleetRun:
+           bench: bool = True, log_to_mlflow: bool = True, rollout: Rollout | None = None,
+           shadow: ShadowPlan | None = None) -> FleetRun:
     """Deploy the model to the selected hosts: push, (engine), health, switch, benchmark, service, collect.
 
     With `dry_run`, only resolves artifacts and probes each device (read-only): the results say
@@ -283,72 +507,153 @@ def deploy(inventory: Inventory, group: str | None = None, host: str | None = No
     benchmark (which runs with the service stopped, so it has the CPU alone); if /healthz is not
     ok on the new release within `healthy_timeout_s`, the device rolls `current` back and restarts
     the service there, and the host fails at step `service` with the reason.
+
+    With `rollout` (canary hosts, batches, a failure budget) the hosts go in stages: see
+    `staged_rollout`; `shadow` is the canaries' shadow window (None: each host's inventory).
+    Without it every host is deployed at once, as before.
     """
     start = time.perf_counter()
-    sources = sources or Sources.default()
-    # Which hosts first: an unknown group is the first thing to say, even where no model is built yet.
-    hosts = [resolve_local_host(h, inventory) for h in inventory.select(group, host)]
-    check_model(model, sources.models_dir)
+    hosts, sources = _prepare(inventory, group, host, model, sources)
+    if shadow is not None and (shadow.frames or shadow.minutes) and not (rollout and rollout.canary):
+        raise ValueError("--frames/--minutes set the canaries' shadow window: give --canary N too (or use "
+                         "`fab shadow` to shadow without switching)")
+    if rollout is not None:
+        rollout.check()
+        if rollout.canary and not dry_run:
+            _check_shadow_hosts(hosts[:rollout.canary], "a canary")
     results_dir = results_dir or paths.repo_root() / "reports" / "fleet"
-    stamp = utc_stamp()
-    _check_model_files(hosts, sources, model)
+    summary: dict[str, Any] = {}
     with new_workdir() as tmp:
         releases, errors = _resolve_releases(hosts, sources, model, Path(tmp))
-
-        def work(conn: Any, h: Host, r: HostResult) -> None:
-            if h.name in errors:
-                r.failed_step = "resolve"
-                raise ArtifactError(errors[h.name])
-            rel = releases[h.name]
-            r.release, r.runtime = rel.manifest.release, rel.runtime.name
-            r.details.update(model_sha256=rel.manifest.source["model_sha256"],
-                             source_run_id=rel.manifest.source.get("mlflow_run_id", ""),
-                             lineage=dict(rel.manifest.source))
-            with r.step("probe"):
-                state = steps.probe(conn, h, rel.runtime, rel.bundle, dry=dry_run)
-            deploy_dir = state["deploy_dir"]
-            r.previous = state["current"] or ""
-            bundles = [("runtime", rel.runtime), ("releases", rel.bundle)]
-            r.details.update(free_bytes=state.get("free_bytes"), bytes_to_send=steps.bytes_to_send(state, bundles))
-            if dry_run:
-                for kind, bundle in bundles:
-                    need = state[kind][bundle.name]["need"]
-                    r.bytes_sent += sum(bundle.entries[n][1] for n in need)
-                    r.model_bytes_sent += bundle.model_bytes(need)
-                    r.files_sent += [f"{kind}/{bundle.name}/{n}" for n in need]
-                r.details["would_switch"] = state["current"] != rel.manifest.release
-                r.details["would_restart_service"] = h.service.enabled
-                with r.failing_as("push"):
-                    steps.check_space(h, state, bundles)
-                r.outcome = "dry-run"
-                return
-            with r.step("push"):
-                steps.check_space(h, state, bundles)
-                publish = steps.upload_bundles(conn, h, bundles, state, r)
-            # One command runs verify, (engine), health, switch and bench on the device; their
-            # device-side seconds go into r.timings, `activate` is the whole round trip.
-            with r.step("activate"):
-                done = steps.activate(conn, h, deploy_dir, rel.runtime.name, rel.manifest.release,
-                                      publish, stamp if bench else None, r)
-            r.outcome = "deployed" if done.switched["changed"] else "unchanged"
-            r.previous = done.switched["previous"] or ""
-            if done.service is not None and done.service.get("enabled", True):
-                r.details["service"] = steps.service_summary(done.service)
-            if done.bench is not None and done.bench_out is not None and done.bench.exited == 0:
-                with r.step("fetch"):  # measured on the new release before its service started
-                    _fetch_bench(conn, h, r, done.bench_out, results_dir)
-            with r.failing_as("service"):
-                steps.check_service(h, rel.manifest.release, done.service)
-            if done.bench is not None:
-                with r.failing_as("bench"):
-                    steps.check_bench(done.bench)
-
-        results = run_on_hosts(hosts, inventory, work)
-    run = FleetRun("deploy", results, time.perf_counter() - start,
-                   {"group": group or "", "host": host or "", "model": model, "dry_run": dry_run})
+        ctx = _Deploy(releases, errors, utc_stamp(), results_dir, dry_run=dry_run, bench=bench)
+        if rollout is None or dry_run:
+            results = run_on_hosts(hosts, inventory, ctx.work)
+        else:
+            results, summary = staged_rollout(inventory, hosts, ctx, rollout, shadow or ShadowPlan())
+    options: dict[str, Any] = {"group": group or "", "host": host or "", "model": model, "dry_run": dry_run}
+    if rollout is not None:
+        options.update(canary=rollout.canary, batch=rollout.batch_text, max_fail_percent=rollout.max_fail_percent,
+                       rollout_stopped=bool(summary.get("stopped")))
+    run = FleetRun("deploy", results, time.perf_counter() - start, options, rollout=summary)
     if log_to_mlflow and not dry_run:
         _log_to_mlflow(run, hosts, sources.models_dir)
     return run
+
+
+def shadow(inventory: Inventory, group: str | None = None, host: str | None = None, model: str = DEFAULT_MODEL,
+           plan: ShadowPlan | None = None, sources: Sources | None = None, results_dir: Path | None = None,
+           log_to_mlflow: bool = True) -> FleetRun:
+    """Stage the model's release on each host and run it in shadow beside `current`; switch nothing.
+
+    Each host: probe, push, verify, (engine), health (the candidate is complete and healthy on
+    the device but not current), then the service runs it on every k-th live frame for the
+    window and the result is judged against the host's `shadow:` thresholds. The report goes to
+    reports/fleet/<host>/shadow-<stamp>.json and, per device, to MLflow; a failed judgement (or no
+    result) fails the host with every reason.
+    """
+    start = time.perf_counter()
+    hosts, sources = _prepare(inventory, group, host, model, sources)
+    _check_shadow_hosts(hosts, "fab shadow")
+    plan = plan or ShadowPlan()
+    results_dir = results_dir or paths.repo_root() / "reports" / "fleet"
+    with new_workdir() as tmp:
+        releases, errors = _resolve_releases(hosts, sources, model, Path(tmp))
+        ctx = _Deploy(releases, errors, utc_stamp(), results_dir, bench=False)
+        results = run_on_hosts(hosts, inventory, lambda conn, h, r: ctx.work(conn, h, r, shadow=plan, switch=False))
+    run = FleetRun("shadow", results, time.perf_counter() - start,
+                   {"group": group or "", "host": host or "", "model": model,
+                    "frames": plan.frames or "", "minutes": plan.minutes or ""})
+    if log_to_mlflow:
+        _log_to_mlflow(run, hosts, sources.models_dir)
+    return run
+
+
+# --- staged rollouts: canaries in shadow, then batches with a failure budget --------------------
+
+def _current_releases(inventory: Inventory, hosts: Sequence[Host]) -> dict[str, str]:
+    """Each reachable host's current release ('' when none); unreachable hosts are left out."""
+    def work(conn: Any, h: Host, r: HostResult) -> None:
+        with r.step("status"):
+            r.release = steps.device_status(conn, h)["current"] or ""
+
+    return {r.host: r.release for r in run_on_hosts(hosts, inventory, work) if r.ok}
+
+
+def _roll_back_switched(inventory: Inventory, batch: Sequence[Host], results: dict[str, HostResult]) -> list[str]:
+    """Roll back the hosts of a stopped batch that this rollout switched; returns their names."""
+    switched = [h for h in batch if results[h.name].ok and results[h.name].outcome == "deployed"]
+    undone = {r.host: r for r in run_on_hosts(switched, inventory, _rollback_work)}
+    for h in switched:
+        r, back = results[h.name], undone[h.name]
+        r.details["rollback"] = {"ok": back.ok, "release": back.release, "error": back.error,
+                                 "service": back.details.get("service")}
+        r.timings["rollback"] = round(sum(back.timings.values()), 3)
+        if back.ok:
+            r.outcome = "rolled-back"
+        else:
+            r.outcome, r.failed_step = "failed", "rollback"
+            r.error = (f"switched, then its batch failed and the rollback to {r.previous or 'the previous release'} "
+                       f"failed too: {back.error}")
+    return [h.name for h in switched]
+
+
+def staged_rollout(inventory: Inventory, hosts: Sequence[Host], ctx: _Deploy, rollout: Rollout,
+                   plan: ShadowPlan) -> tuple[list[HostResult], dict[str, Any]]:
+    """Canaries (shadow, then switch), then batches; stop when a batch's failures exceed the budget.
+
+    Ansible's `serial` + `max_fail_percentage` semantics: a batch stops the rollout when its
+    failed hosts are MORE than `max_fail_percent` % of it (an unreachable host is a failed host);
+    the canaries must all pass. When the rollout stops, the hosts of the failing batch that this
+    run switched are rolled back, later hosts are not touched (`not-reached`), and the summary
+    names the host(s) that stopped it and why. Hosts already on their target release count as
+    done (`already-current`) and are skipped, so a rerun resumes where the last one stopped.
+    """
+    current = _current_releases(inventory, hosts)
+    results: dict[str, HostResult] = {}
+    pending: list[Host] = []
+    for h in hosts:
+        rel = ctx.releases.get(h.name)
+        if rel is not None and current.get(h.name) == rel.manifest.release:
+            results[h.name] = HostResult(host=h.name, group=h.group, outcome="already-current",
+                                         release=rel.manifest.release, runtime=rel.runtime.name,
+                                         details={"model_sha256": rel.manifest.source["model_sha256"],
+                                                  "lineage": dict(rel.manifest.source)})
+        else:
+            pending.append(h)
+    canary_names = {h.name for h in hosts[:rollout.canary]}
+    canaries = [h for h in pending if h.name in canary_names]
+    rest = [h for h in pending if h.name not in canary_names]
+    size = rollout.batch_size(len(hosts))
+    stages: list[tuple[str, list[Host]]] = [("canary", canaries)] if canaries else []
+    stages += [(f"batch {i // size + 1}", rest[i:i + size]) for i in range(0, len(rest), size)]
+    summary: dict[str, Any] = {"stopped": False, "stages": [], "already_current": sorted(
+        n for n, r in results.items() if r.outcome == "already-current"), "batch_size": size}
+    for label, batch in stages:
+        if summary["stopped"]:
+            for h in batch:
+                results[h.name] = HostResult(host=h.name, group=h.group, outcome="not-reached",
+                                             details={"stage": label})
+            continue
+        is_canary = label == "canary"
+        done = run_on_hosts(batch, inventory,
+                            (lambda conn, h, r: ctx.work(conn, h, r, shadow=plan)) if is_canary else ctx.work)
+        for r in done:
+            r.details["stage"] = label
+            results[r.host] = r
+        failed = [r for r in done if not r.ok]
+        percent = 100.0 * len(failed) / len(batch)
+        over = bool(failed) and (is_canary or percent > rollout.max_fail_percent)
+        entry = {"stage": label, "hosts": [h.name for h in batch], "failed": [r.host for r in failed],
+                 "fail_percent": round(percent, 1)}
+        summary["stages"].append(entry)
+        if over:
+            budget = ("the canaries must all pass" if is_canary else
+                      f"{percent:.0f} % failed, more than --max-fail-percent {rollout.max_fail_percent:g}")
+            summary.update(stopped=True, stopped_at=label, by=[r.host for r in failed], budget=budget,
+                           why={r.host: (f"[{r.failed_step}] " if r.failed_step else "") + r.error for r in failed})
+            entry["rolled_back"] = summary["rolled_back"] = _roll_back_switched(inventory, batch, results)
+    summary["not_reached"] = [n for n, r in results.items() if r.outcome == "not-reached"]
+    return [results[h.name] for h in hosts], summary
 
 
 def _fetch_bench(conn: Any, h: Host, r: HostResult, remote: str, results_dir: Path) -> None:
@@ -405,6 +710,31 @@ def benchmark(inventory: Inventory, group: str | None = None, host: str | None =
     return run
 
 
+def _rollback_work(conn: Any, h: Host, r: HostResult) -> None:
+    """Health-check `previous`, make it current, restart the service there (and wait for it)."""
+    with r.step("status"):
+        st = steps.device_status(conn, h)
+    if not st["previous"]:
+        raise steps.StepError(f"no previous release in {st['deploy_dir']} to roll back to")
+    target = st["previous"]
+    runtime = st.get("previous_manifest", {}).get("source", {}).get("runtime", "")
+    if not runtime:
+        raise steps.StepError(f"release {target} names no runtime in its manifest; redeploy instead")
+    r.release, r.runtime = target, runtime
+    with r.step("health"):
+        r.health = steps.health_check(conn, h, st["deploy_dir"], runtime, target)
+    with r.step("switch"):
+        switched = steps.switch_release(conn, h, st["deploy_dir"], target)
+    r.previous = switched["previous"] or ""
+    r.outcome = "rolled-back" if switched["changed"] else "unchanged"
+    with r.step("service"):
+        answer = steps.service_activate(conn, h, st["deploy_dir"], target,
+                                        {"current": st["current"], "previous": st["previous"]})
+        if answer.get("enabled", True):
+            r.details["service"] = steps.service_summary(answer)
+        steps.check_service(h, target, answer)
+
+
 def rollback(inventory: Inventory, group: str | None = None, host: str | None = None) -> FleetRun:
     """Make `previous` current again (after a health check of it); the two swap places.
 
@@ -413,31 +743,7 @@ def rollback(inventory: Inventory, group: str | None = None, host: str | None = 
     """
     start = time.perf_counter()
     hosts = [resolve_local_host(h, inventory) for h in inventory.select(group, host)]
-
-    def work(conn: Any, h: Host, r: HostResult) -> None:
-        with r.step("status"):
-            st = steps.device_status(conn, h)
-        if not st["previous"]:
-            raise steps.StepError(f"no previous release in {st['deploy_dir']} to roll back to")
-        target = st["previous"]
-        runtime = st.get("previous_manifest", {}).get("source", {}).get("runtime", "")
-        if not runtime:
-            raise steps.StepError(f"release {target} names no runtime in its manifest; redeploy instead")
-        r.release, r.runtime = target, runtime
-        with r.step("health"):
-            r.health = steps.health_check(conn, h, st["deploy_dir"], runtime, target)
-        with r.step("switch"):
-            switched = steps.switch_release(conn, h, st["deploy_dir"], target)
-        r.previous = switched["previous"] or ""
-        r.outcome = "rolled-back" if switched["changed"] else "unchanged"
-        with r.step("service"):
-            answer = steps.service_activate(conn, h, st["deploy_dir"], target,
-                                            {"current": st["current"], "previous": st["previous"]})
-            if answer.get("enabled", True):
-                r.details["service"] = steps.service_summary(answer)
-            steps.check_service(h, target, answer)
-
-    results = run_on_hosts(hosts, inventory, work)
+    results = run_on_hosts(hosts, inventory, _rollback_work)
     return FleetRun("rollback", results, time.perf_counter() - start, {"group": group or "", "host": host or ""})
 
 

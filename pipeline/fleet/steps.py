@@ -316,6 +316,49 @@ def service_activate(conn: Any, host: Host, deploy_dir: str, release: str,
     return run_helper(conn, host, "service_activate", args, timeout=service_timeout(host) + 60.0)
 
 
+def _device_steps(host: Host, deploy_dir: str, runtime: str, release: str, publish: list[dict[str, Any]]
+                  ) -> tuple[dict[str, Any], float]:
+    """The `activate` op's arguments for verify + publish, (engine) and health, and their time limit."""
+    runtime_dir = posixpath.join(deploy_dir, "runtime", runtime)
+    args: dict[str, Any] = {"deploy_dir": deploy_dir, "runtime_dir": runtime_dir, "release": release,
+                            "publish": publish, "service": service_spec(host),
+                            "health": {"verb": "health", "args": _health_args(host, deploy_dir, release),
+                                       "timeout": HEALTH_TIMEOUT_S}}
+    timeout = HEALTH_TIMEOUT_S
+    if host.runtime == "tensorrt":
+        args["engine"] = {"verb": "build-engine", "args": _engine_args(deploy_dir, release),
+                          "timeout": ENGINE_TIMEOUT_S}
+        timeout += ENGINE_TIMEOUT_S
+    return args, timeout
+
+
+def _check_steps(host: Host, release: str, answer: dict[str, Any], result: HostResult) -> dict[str, DeviceRun]:
+    """Check the verify, (engine) and health answers of an `activate` op; StepError at the first failure."""
+    result.timings.update({k: round(float(v), 3) for k, v in answer["seconds"].items()})
+    with result.failing_as("verify"):
+        _verify_problems(answer["publish"])
+    runs = {k: DeviceRun.from_json(v) for k, v in answer["runs"].items()}
+    if host.runtime == "tensorrt":
+        with result.failing_as("engine"):
+            result.engine = check_engine(host, runs["engine"])
+    with result.failing_as("health"):
+        result.health = check_health(host, release, runs["health"])
+    return runs
+
+
+def stage(conn: Any, host: Host, deploy_dir: str, runtime: str, release: str, publish: list[dict[str, Any]],
+          result: HostResult) -> None:
+    """Verify + publish the uploads, (engine) and health-check the release, without switching to it.
+
+    What a shadow run needs: the candidate complete and healthy on the device while `current`
+    keeps serving. One SSH command (the `activate` op with `stage_only`).
+    """
+    args, timeout = _device_steps(host, deploy_dir, runtime, release, publish)
+    args["stage_only"] = True
+    answer = run_helper(conn, host, "activate", args, timeout=timeout + 120.0)
+    _check_steps(host, release, answer, result)
+
+
 def activate(conn: Any, host: Host, deploy_dir: str, runtime: str, release: str, publish: list[dict[str, Any]],
              stamp: str | None, result: HostResult) -> Activation:
     """Verify + publish the uploads, (engine), health, switch, (bench), service: one SSH command.
@@ -331,16 +374,7 @@ def activate(conn: Any, host: Host, deploy_dir: str, runtime: str, release: str,
     `healthy_timeout_s`, the device puts `current`/`previous` back as they were and restarts the
     service there (`Activation.service`; `check_service` turns that into the host's failure).
     """
-    runtime_dir = posixpath.join(deploy_dir, "runtime", runtime)
-    args: dict[str, Any] = {"deploy_dir": deploy_dir, "runtime_dir": runtime_dir, "release": release,
-                            "publish": publish, "service": service_spec(host),
-                            "health": {"verb": "health", "args": _health_args(host, deploy_dir, release),
-                                       "timeout": HEALTH_TIMEOUT_S}}
-    timeout = HEALTH_TIMEOUT_S
-    if host.runtime == "tensorrt":
-        args["engine"] = {"verb": "build-engine", "args": _engine_args(deploy_dir, release),
-                          "timeout": ENGINE_TIMEOUT_S}
-        timeout += ENGINE_TIMEOUT_S
+    args, timeout = _device_steps(host, deploy_dir, runtime, release, publish)
     bench_out = posixpath.join(deploy_dir, "results", f"{stamp}.json") if stamp is not None else None
     if bench_out is not None:
         args["bench"] = {"verb": "bench", "args": _bench_args(host, deploy_dir, release, bench_out),
@@ -348,20 +382,28 @@ def activate(conn: Any, host: Host, deploy_dir: str, runtime: str, release: str,
         timeout += BENCH_TIMEOUT_S
     timeout += service_timeout(host)
     answer = run_helper(conn, host, "activate", args, timeout=timeout + 120.0)
-    result.timings.update({k: round(float(v), 3) for k, v in answer["seconds"].items()})
-    with result.failing_as("verify"):
-        _verify_problems(answer["publish"])
-    runs = {k: DeviceRun.from_json(v) for k, v in answer["runs"].items()}
-    if host.runtime == "tensorrt":
-        with result.failing_as("engine"):
-            result.engine = check_engine(host, runs["engine"])
-    with result.failing_as("health"):
-        result.health = check_health(host, release, runs["health"])
+    runs = _check_steps(host, release, answer, result)
     if answer["switch"] is None:  # the device's verdict differed from ours: never guess, report it
         result.failed_step = result.failed_step or "switch"
         raise StepError(f"the device did not switch to release {release} although its health report reads as "
                         "passed; re-run the deploy")
     return Activation(answer["switch"], runs.get("bench"), bench_out, answer.get("service"))
+
+
+def shadow(conn: Any, host: Host, deploy_dir: str, req: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Ask the device's service to run the candidate of `req` in shadow and wait for its result.
+
+    Returns the device's comparison document; StepError when there is none (no service running,
+    the service restarted during the shadow: the candidate may have crashed it, or no result in
+    `timeout` seconds). Judging the document is `pipeline.fleet.shadow.judge`'s.
+    """
+    answer = run_helper(conn, host, "shadow_run", {"deploy_dir": deploy_dir, "request": req, "timeout": timeout},
+                        timeout=timeout + 60.0)
+    if not answer.get("ok") or not isinstance(answer.get("result"), dict):
+        crashed = " (counted as a crash of the candidate)" if answer.get("crashed") else ""
+        raise StepError(f"shadow of release {req['candidate']} gave no result: {answer.get('reason') or 'no reason'}"
+                        f"{crashed}; `current` was not changed")
+    return answer["result"]
 
 
 def fetch_file(conn: Any, remote: str, local: Path) -> Path:

@@ -71,6 +71,7 @@ class Report:
     variants: list[dict[str, Any]]
     devices: list[dict[str, Any]]
     thermal: list[dict[str, Any]]
+    shadows: list[dict[str, Any]]
     quantiles: dict[str, list[float]]
     per_class: dict[str, dict[str, float]]
     candidates: list[dict[str, str]]
@@ -158,8 +159,9 @@ def per_class_ap(rows: Sequence[Mapping[str, str]], split: str) -> dict[str, dic
     return out
 
 
-def latest_device_results(fleet_dir: Path) -> list[dict[str, Any]]:
-    """The newest on-device benchmark JSON of each host under reports/fleet/<host>/ (by created_utc)."""
+def latest_fleet_docs(fleet_dir: Path, kind: str) -> list[dict[str, Any]]:
+    """The newest JSON document of `kind` (device-benchmark, shadow) of each host under
+    reports/fleet/<host>/ (by created_utc, then file name)."""
     latest: dict[str, tuple[str, dict[str, Any]]] = {}
     if not fleet_dir.is_dir():
         return []
@@ -169,13 +171,38 @@ def latest_device_results(fleet_dir: Path) -> list[dict[str, Any]]:
         except (OSError, json.JSONDecodeError) as e:
             raise ReportError(f"{path}: unreadable device result ({e}); delete it or re-run "
                               f"`fab benchmark --host {path.parent.name}`") from e
-        if not isinstance(doc, dict) or doc.get("kind") != "device-benchmark":
+        if not isinstance(doc, dict) or doc.get("kind") != kind:
             continue
         key = (str(doc.get("created_utc", "")), path.name)
         host = path.parent.name
         if host not in latest or key > (latest[host][0], latest[host][1]["_file"]):
             latest[host] = (key[0], {**doc, "_file": path.name, "_host": host})
     return [doc for _, (_, doc) in sorted(latest.items())]
+
+
+def latest_device_results(fleet_dir: Path) -> list[dict[str, Any]]:
+    """The newest on-device benchmark JSON of each host under reports/fleet/<host>/ (by created_utc)."""
+    return latest_fleet_docs(fleet_dir, "device-benchmark")
+
+
+def shadow_rows(docs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per host: its latest shadow run (`fab shadow`, a canary), candidate vs current."""
+    rows = []
+    for doc in docs:
+        res = doc.get("result") if isinstance(doc.get("result"), Mapping) else {}
+        agreement = res.get("agreement") if isinstance(res.get("agreement"), Mapping) else {}
+        counts = res.get("counts") if isinstance(res.get("counts"), Mapping) else {}
+        latency = res.get("latency_ms") if isinstance(res.get("latency_ms"), Mapping) else {}
+        rows.append({
+            "host": doc["_host"], "candidate": str(doc.get("candidate", ""))[:12],
+            "current": str(doc.get("current", ""))[:12], "passed": bool(doc.get("passed")),
+            "frames": res.get("frames_compared"), "f1": agreement.get("f1"),
+            "count_delta": counts.get("mean_delta_per_frame"),
+            "p95_current_ms": (latency.get("current") or {}).get("p95"),
+            "p95_candidate_ms": (latency.get("candidate") or {}).get("p95"), "errors": res.get("errors"),
+            "reasons": "; ".join(map(str, doc.get("reasons") or [])), "measured_utc": doc.get("created_utc", ""),
+        })
+    return rows
 
 
 def device_rows(docs: Sequence[Mapping[str, Any]], model_shas: Mapping[str, str]) -> list[dict[str, Any]]:
@@ -252,6 +279,7 @@ def build_report(inputs: ReportInputs, p: ReportParams, q: QuantizeParams) -> Re
         variants=rows,
         devices=devices,
         thermal=thermal_rows(devices),
+        shadows=shadow_rows(latest_fleet_docs(inputs.fleet_dir, "shadow")) if p.fleet else [],
         quantiles=latency_quantiles(read_csv(inputs.bench_samples, "benchmark"), imgsz, p.cdf_points),
         per_class=per_class_ap(read_csv(inputs.per_class, "evaluate"), p.split),
         candidates=read_csv(inputs.candidates, "quantize"),
@@ -422,6 +450,17 @@ def render_markdown(r: Report, p: ReportParams, q: QuantizeParams, plots_rel: st
                          f"{_fmt(d['temp_max_c'], 1)} | {throttled} | {d['measured_utc']} |")
     else:
         lines.append("No device results in reports/fleet/ yet.")
+    if r.shadows:
+        lines += ["", "Latest shadow run per host: the candidate beside the current release on live frames "
+                      "(`fab shadow`, a staged deploy's canaries).", "",
+                  "| host | candidate | current | passed | frames | F1 @ IoU 0.5 | count Δ/frame | P95 ms current / "
+                  "candidate | errors | measured (UTC) | why not |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for s in r.shadows:
+            lines.append(f"| {s['host']} | {s['candidate']} | {s['current'] or '–'} | {'yes' if s['passed'] else 'NO'} "
+                         f"| {s['frames'] if s['frames'] is not None else '–'} | {_fmt(s['f1'], 3)} | "
+                         f"{_fmt(s['count_delta'], 2)} | {_fmt(s['p95_current_ms'], 1)} / "
+                         f"{_fmt(s['p95_candidate_ms'], 1)} | {s['errors'] if s['errors'] is not None else '–'} | "
+                         f"{s['measured_utc']} | {s['reasons'] or '–'} |")
     lines += ["", f"![thermal timeline]({plots_rel}/thermal_timeline.png)", "",
               f"## Per-class AP50-95 ({p.split})", "", "| class | FP32 | INT8 | Δ |", "|---|---|---|---|"]
     fp32, int8 = r.per_class.get("fp32", {}), r.per_class.get("int8", {})

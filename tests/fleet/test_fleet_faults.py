@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -23,13 +22,13 @@ from typing import Any, Iterator
 
 import pytest
 import yaml
+from fleet_hosts import kill_sshd, restart_sshd
 
 from pipeline.fleet import connection, runner, steps
 from pipeline.fleet.inventory import load_inventory
 from pipeline.fleet.results import HostResult, format_table
 
 REPO = Path(__file__).resolve().parents[2]
-SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 FAB = str(Path(sys.executable).parent / "fab")
 
 
@@ -50,55 +49,7 @@ def _deploy(inv: Path, fleet_models: dict[str, Any], tmp_path: Path, **kw: Any) 
     return run
 
 
-# --- a device's sshd dies ---------------------------------------------------------------------
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid` (sshd's per-connection children and their sftp/shell children)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def kill_sshd(host: Any) -> None:
-    """The device's sshd dies: the listener and every session it forked (SIGKILL, no goodbye).
-
-    The sessions are found before the listener is killed (its children are re-parented after)."""
-    proc, host.proc = host.proc, None
-    if proc is None:
-        return
-    for pid in [proc.pid, *_descendants(proc.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
-
-
-def restart_sshd(host: Any) -> None:
-    """Start the host's sshd again on the same address, port and host key."""
-    with open(host.root / "sshd.log", "ab") as log:
-        host.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(host.root / "sshd_config")], stdout=log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host.address, host.port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"sshd on {host.address}:{host.port} did not come back")
-
+# --- a device's sshd dies (fleet_hosts.kill_sshd / restart_sshd) ----------------------------------
 
 @pytest.mark.slow
 @pytest.mark.ssh
@@ -355,6 +306,14 @@ HOSTILE = [
     (["status", "--host", "../pi1"], "unknown host '../pi1'"),
     (["rollback", "--host", "pi2"], "unknown host 'pi2'"),
     (["provision", "--base-python", "python3;id"], "--base-python 'python3;id': letters, digits"),
+    (["deploy", "--canary", "many"], "--canary 'many': give a whole number"),
+    (["deploy", "--batch", "0"], "--batch '0': give a number of hosts"),
+    (["deploy", "--batch", "150%"], "--batch '150%': a percentage in (0, 100]"),
+    (["deploy", "--max-fail-percent", "lots"], "--max-fail-percent 'lots': a percentage from 0 to 100"),
+    (["deploy", "--frames", "20"], "--frames/--minutes set the canaries' shadow window: give --canary N"),
+    (["shadow", "--frames", "0"], "--frames '0': give a whole number of frames"),
+    (["shadow", "--minutes", "forever"], "--minutes 'forever': give the shadow's length in minutes"),
+    (["shadow", "--model", "../../x"], "--model '../../x'"),
     # invoke's own parse errors (an unknown option or task) are usage errors too: exit 2, not 1.
     (["deploy", "--bogus"], "No idea what '--bogus' is!"),
     (["deploy-everything"], "No idea what 'deploy-everything' is!"),

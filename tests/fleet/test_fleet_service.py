@@ -18,37 +18,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
+from fleet_hosts import service
 from support import free_port, healthz, wait_for
 
 from edge_runtime import deploy_ops
-from edge_runtime.supervisor import stop_supervisor
 from pipeline.fleet import runner
 from pipeline.fleet.artifacts import Sources
 from pipeline.fleet.inventory import ServiceSettings, load_inventory
 from pipeline.fleet.results import format_table
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def service(port: int, **overrides: Any) -> dict[str, Any]:
-    """A host's `service:` section: synthetic camera, slow enough for a 2-core CI box."""
-    doc = {"enabled": True, "supervisor": "auto", "source": "synthetic:320x240", "fps": 5.0, "http_port": port,
-           "stall_s": 5.0, "jsonl_max_mb": 1, "jsonl_backups": 1, "frames_every_s": 0.0, "frames_band": [0.25, 0.5],
-           "frames_max_files": 10, "frames_max_mb": 1, "healthy_timeout_s": 60, "watchdog_s": 0, "restart_s": 0.3}
-    doc.update(overrides)
-    return doc
-
-
-@pytest.fixture
-def services() -> Iterator[list[Path]]:
-    """Deploy dirs whose runtime supervisor is stopped at the end (they outlive the SSH session)."""
-    dirs: list[Path] = []
-    yield dirs
-    for d in dirs:
-        stop_supervisor(d)
 
 
 def _link(deploy_dir: Path, name: str) -> str | None:

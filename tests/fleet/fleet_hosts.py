@@ -1,0 +1,74 @@
+"""Helpers the fleet tests share: the service section of a test host, and a device's sshd dying.
+
+Imported by the test modules of this folder (pytest puts it on sys.path); fixtures live in
+conftest.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+
+def service(port: int, **overrides: Any) -> dict[str, Any]:
+    """A host's `service:` section: synthetic camera, slow enough for a 2-core CI box."""
+    doc = {"enabled": True, "supervisor": "auto", "source": "synthetic:320x240", "fps": 5.0, "http_port": port,
+           "stall_s": 5.0, "jsonl_max_mb": 1, "jsonl_backups": 1, "frames_every_s": 0.0, "frames_band": [0.25, 0.5],
+           "frames_max_files": 10, "frames_max_mb": 1, "healthy_timeout_s": 60, "watchdog_s": 0, "restart_s": 0.3}
+    doc.update(overrides)
+    return doc
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (sshd's per-connection children and their sftp/shell children)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_sshd(host: Any) -> None:
+    """The device's sshd dies: the listener and every session it forked (SIGKILL, no goodbye).
+
+    The sessions are found before the listener is killed (its children are re-parented after)."""
+    proc, host.proc = host.proc, None
+    if proc is None:
+        return
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def restart_sshd(host: Any) -> None:
+    """Start the host's sshd again on the same address, port and host key."""
+    with open(host.root / "sshd.log", "ab") as log:
+        host.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(host.root / "sshd_config")], stdout=log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host.address, host.port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"sshd on {host.address}:{host.port} did not come back")
