@@ -3,7 +3,8 @@
 Each simulated device is its own `sshd -D` process, started as the current user on its own
 127.0.0.x address and port, with its own host key, an authorized user key, and its own deploy
 dir. The device's python is this repository's .venv python (numpy, opencv, onnxruntime), so the
-real device runtime CLI runs on the "device". Nothing leaves 127.0.0.x.
+real device runtime CLI runs on the "device". Nothing leaves 127.0.0.x. (benchmarks/fleet.py
+starts the same hosts inside network namespaces of its own, through `SshdFleet.start`'s `prefix`.)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import pytest
 import yaml
@@ -103,10 +104,17 @@ class SshdFleet:
         if os.geteuid() == 0:
             os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation dir when run as root
 
-    def start(self, name: str, trust: bool = True) -> TestHost:
-        """Start one device; `trust` adds its host key to the fleet's known_hosts."""
-        address = f"127.0.0.{next(_addresses) % 250 + 2}"
-        port = free_port(address)
+    def start(self, name: str, trust: bool = True, *, address: str | None = None, port: int | None = None,
+              prefix: Sequence[str] = ()) -> TestHost:
+        """Start one device; `trust` adds its host key to the fleet's known_hosts.
+
+        By default the device listens on the next 127.0.0.x address and a free port there. A caller
+        that runs the device somewhere else (benchmarks/fleet.py: inside a network namespace of its
+        own) passes that `address` and `port` and a `prefix` that sshd is started under, e.g.
+        `ip netns exec NAME`; the prefix must exec sshd (not fork it), so that `TestHost.proc` is sshd.
+        """
+        address = address or f"127.0.0.{next(_addresses) % 250 + 2}"
+        port = port or free_port(address)
         root = self.tmp / name
         root.mkdir(parents=True)
         (root / "deploy").mkdir()
@@ -124,7 +132,7 @@ class SshdFleet:
             "Subsystem sftp internal-sftp", "LogLevel ERROR", "MaxStartups 200:30:400", "UseDNS no", "",
         ]))
         log = root / "sshd.log"
-        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(cfg)], stdout=open(log, "wb"),
+        proc = subprocess.Popen([*prefix, SSHD, "-D", "-e", "-f", str(cfg)], stdout=open(log, "wb"),
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         host = TestHost(name, address, port, root, proc)
         try:
@@ -252,18 +260,50 @@ def make_broken_model(src: Path, dest: Path) -> Path:
     return dest
 
 
+def make_perturbed(src: Path, dest: Path, scale: float = 0.5, seed: int = 0) -> Path:
+    """A copy of an ONNX model whose float weights are scaled by random factors in [1-scale, 1+scale]:
+    it loads, runs and passes the health check, but detects differently (a candidate that must
+    fail its shadow beside the original)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    rng = np.random.default_rng(seed)
+    for init in model.graph.initializer:
+        w = numpy_helper.to_array(init)
+        if w.dtype == np.float32 and w.size > 1:
+            noisy = w * rng.uniform(1.0 - scale, 1.0 + scale, size=w.shape).astype(np.float32)
+            init.CopyFrom(numpy_helper.from_array(noisy.astype(np.float32), init.name))
+    dest.write_bytes(model.SerializeToString())
+    return dest
+
+
 @pytest.fixture(scope="session")
 def fleet_models(tiny_model: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A models/ folder (yolov8n, a same-behaviour variant 'alt', a 'broken' one) + health samples."""
+    """A models/ folder (yolov8n, a same-behaviour variant 'alt', a 'broken' one, a 'noisy' one that
+    detects differently) + health samples."""
     from pipeline.fleet.artifacts import Sources
 
     models = tmp_path_factory.mktemp("models")
     shutil.copyfile(tiny_model["onnx"], models / "yolov8n.onnx")
     make_variant(tiny_model["onnx"], models / "alt.onnx", "alt")
     make_broken_model(tiny_model["onnx"], models / "broken.onnx")
+    make_perturbed(tiny_model["onnx"], models / "noisy.onnx")  # healthy, but disagrees in shadow
     # INT8 models as the quantize stage writes them (the committed inventory's local group is int8).
     make_int8(tiny_model["onnx"], tiny_model["dataset"], models / "yolov8n.int8.onnx")
     make_variant(models / "yolov8n.int8.onnx", models / "alt.int8.onnx", "alt")
     sources = Sources(models_dir=models, samples_dir=tiny_model["dataset"] / "images" / "val",
                       runtime_root=REPO / "runtime")
     return {"dir": models, "sources": sources}
+
+
+@pytest.fixture
+def services() -> Iterator[list[Path]]:
+    """Deploy dirs whose runtime supervisor is stopped at the end (they outlive the SSH session)."""
+    from edge_runtime.supervisor import stop_supervisor
+
+    dirs: list[Path] = []
+    yield dirs
+    for d in dirs:
+        stop_supervisor(d)
