@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -101,3 +103,46 @@ def shipped_runtime(dest: Path) -> Path:
     shutil.copytree(REPO / "runtime" / "edge_runtime", dest / "edge_runtime",
                     ignore=shutil.ignore_patterns("__pycache__"))
     return dest
+
+
+# ---------------------------------------------------------------- the device service (`serve`)
+
+def service_doc(tmp: Path, port: int, **over: Any) -> dict[str, Any]:
+    """A valid service.json for the tests: a synthetic 320x240 camera at 30 FPS, HTTP on 127.0.0.1:`port`,
+    files under `tmp`; `over` replaces fields."""
+    doc = {"device": "dev1", "source": "synthetic:320x240", "fps": 30.0, "http_bind": "127.0.0.1", "http_port": port,
+           "stall_s": 2.0, "jsonl_max_mb": 0.05, "jsonl_backups": 2, "mqtt_host": "", "mqtt_port": 1883,
+           "mqtt_topic": "", "mqtt_queue": 100, "frames_dir": str(tmp / "frames"), "frames_every_s": 0.5,
+           "frames_band": [0.25, 0.5], "frames_max_files": 6, "frames_max_mb": 5.0, "actuator": "", "variant": None}
+    doc.update(over)
+    return doc
+
+
+def start_serve(runtime: Path, deploy: Path, doc: dict[str, Any], *extra: str) -> subprocess.Popen:
+    """`python -m edge_runtime serve --deploy-dir deploy` as a device runs it: from the shipped runtime
+    copy `runtime`, a clean environment, `doc` written as deploy/service/service.json."""
+    (deploy / "service").mkdir(exist_ok=True)
+    (deploy / "service" / "service.json").write_text(json.dumps(doc))
+    return subprocess.Popen([sys.executable, "-m", "edge_runtime", "serve", "--deploy-dir", str(deploy), *extra],
+                            cwd=runtime, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={"PATH": "/usr/bin:/bin", "HOME": str(runtime)})
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """`name{labels}` -> value, checking the exposition's shape on the way."""
+    out, declared = {}, set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ", 3)
+            assert kind in ("gauge", "counter", "histogram"), line
+            assert name not in declared, f"{name} declared twice"
+            declared.add(name)
+            continue
+        if line.startswith("#") or not line:
+            continue
+        m = re.fullmatch(r'([a-z_]+)(\{[^}]*\})? (\S+)', line)
+        assert m, f"not a Prometheus sample line: {line!r}"
+        base = re.sub(r"_(bucket|sum|count)$", "", m.group(1))
+        assert m.group(1) in declared or base in declared, f"{m.group(1)} has no # TYPE line"
+        out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    return out

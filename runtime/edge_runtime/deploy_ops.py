@@ -349,7 +349,9 @@ def activate(a: Args) -> Dict[str, Any]:
     """Publish the uploaded bundles, (build the engine), health-check, switch only when healthy, (bench).
 
     One SSH command instead of one per step: every step still runs, in the same order and with
-    the same guards as separate commands, and stops at the first failure (no switch then).
+    the same guards as separate commands, and stops at the first failure (no switch then). With
+    `stage_only` it stops after the health check: the release is on the device, verified and
+    healthy, for a shadow run beside `current`.
     """
     out: Dict[str, Any] = {"publish": [], "runs": {}, "switch": None, "seconds": {}}
     start = time.time()
@@ -367,6 +369,8 @@ def activate(a: Args) -> Dict[str, Any]:
             out["seconds"][name] = run["seconds"]
             if run["exited"] != 0 or (name == "health" and not healthy(run)):
                 return out
+    if a.get("stage_only"):  # a shadow candidate: published and healthy, but not current
+        return out
     start = time.time()
     root = os.path.abspath(a["deploy_dir"])
     before = {"current": link_target(os.path.join(root, "current")),
@@ -986,10 +990,129 @@ def service_status(root: str) -> Dict[str, Any]:
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# Shadow runs: the running service runs a candidate release beside `current` (edge_runtime/shadow.py)
+# --------------------------------------------------------------------------------------------
+
+SHADOW_SUBDIR = "shadow"  # <deploy_dir>/service/shadow/: request.json in, <id>.json out
+SHADOW_REQUEST = "request.json"
+SHADOW_ID = re.compile(r"\A[A-Za-z0-9_.-]{1,64}\Z")  # = edge_runtime.shadow.SHADOW_ID
+SHADOW_RESERVED_IDS = ("request", "rejected")  # their result would be the request itself / the refusals' file
+SHADOW_POLL_S = 0.5
+SHADOW_HEALTH_MISSES = 6  # consecutive polls /healthz did not answer: the service is gone (or hung)
+
+
+def _shadow_request_id(path: str) -> Optional[str]:
+    doc = _read_json(path)
+    return doc.get("id") if doc is not None else None
+
+
+def _withdraw_shadow(path: str, sid: str) -> None:
+    """Remove request.json if it still asks for `sid` (the service then stops that shadow)."""
+    if _shadow_request_id(path) == sid:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def _pid_alive(pid: Any) -> bool:
+    """The process exists (True where unknown: no pid, or one we may not signal)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def shadow_run(a: Args) -> Dict[str, Any]:
+    """Run the candidate of `request` in shadow inside the running service; wait for its result.
+
+    `a`: deploy_dir, request (the request.json document: id, candidate, every_k, frames, seconds,
+    engines, threads; edge_runtime/shadow.py checks it), timeout (seconds to wait for the result).
+    Needs the service running and healthy; remembers its pid, removes an old result of the same
+    id, writes the request atomically and polls for `<id>.json`. The answer: ok, result (the
+    service's document) or null, reason, crashed (the service restarted or stopped answering
+    during the shadow: the candidate may have crashed it), seconds. Never raises for the shadow's
+    own failure; after a timeout or a crash the request is withdrawn, so no service runs it again.
+    """
+    root = os.path.abspath(a["deploy_dir"])
+    req = a.get("request")
+    timeout = float(a.get("timeout") or 600.0)
+    start = time.time()
+
+    def failed(reason: str, crashed: bool = False) -> Dict[str, Any]:
+        return {"ok": False, "reason": reason, "crashed": crashed, "result": None,
+                "seconds": round(time.time() - start, 3)}
+
+    sid = req.get("id") if isinstance(req, dict) else None
+    if not isinstance(sid, str) or not SHADOW_ID.match(sid) or sid in SHADOW_RESERVED_IDS:
+        return failed("shadow request id %r: it must be 1 to 64 letters, digits, '_', '.' or '-' (not %s)"
+                      % (sid, " or ".join(SHADOW_RESERVED_IDS)))
+    url = _health_url(root)
+    if url is None:
+        return failed("shadow needs the service, and %s has no service.json with an http_port: enable service "
+                      "in inventory.yaml and deploy" % _service_path(root, ""))
+    health, text = get_health(url)
+    if health is None:
+        return failed("shadow needs the service running (%s): enable service in inventory.yaml and deploy" % text)
+    if health.get("ok") is not True:
+        return failed("the service is not healthy (%s); a shadow needs it serving frames" % text)
+    if "shadow" not in health:
+        return failed("the service's runtime predates shadow runs (its /healthz has no 'shadow'); deploy the "
+                      "current runtime first")
+    pid = health.get("pid")
+    folder = _service_path(root, SHADOW_SUBDIR)
+    result_path = os.path.join(folder, sid + ".json")
+    request_path = os.path.join(folder, SHADOW_REQUEST)
+    if os.path.lexists(result_path):
+        os.unlink(result_path)  # an earlier answer to the same id must not be read as this one's
+    _write_atomic(request_path, json.dumps(req, sort_keys=True) + "\n")
+    deadline = start + timeout
+    misses, progress = 0, None
+    while True:
+        doc = _read_json(result_path)
+        if doc is not None and doc.get("id") == sid:
+            return {"ok": True, "result": doc, "reason": "", "crashed": False, "seconds": round(time.time() - start, 3)}
+        now, text = get_health(url, timeout=2.0)
+        crash = ""
+        if now is None:
+            misses += 1
+            if misses >= SHADOW_HEALTH_MISSES or not _pid_alive(pid):
+                crash = ("the service stopped answering /healthz during the shadow (pid %s; %s): the candidate may "
+                         "have crashed it" % (pid, text))
+        else:
+            misses = 0
+            progress = now.get("shadow") or progress
+            if pid is not None and now.get("pid") != pid:
+                crash = ("the service restarted during the shadow (pid %s -> %s): the candidate may have crashed it"
+                         % (pid, now.get("pid")))
+        if crash:
+            doc = _read_json(result_path)  # a clean stop writes its partial result before it exits
+            if doc is not None and doc.get("id") == sid:
+                return {"ok": True, "result": doc, "reason": "", "crashed": False,
+                        "seconds": round(time.time() - start, 3)}
+            _withdraw_shadow(request_path, sid)
+            return failed(crash, crashed=True)
+        if time.time() >= deadline:
+            break
+        time.sleep(SHADOW_POLL_S)
+    _withdraw_shadow(request_path, sid)
+    seen = (" (it had compared %s frame(s), status %s)" % (progress.get("frames_compared"), progress.get("status"))
+            if isinstance(progress, dict) else " (the service never showed it running)")
+    return failed("no shadow result within %g s%s; the request was withdrawn, so the service stops the shadow"
+                  % (timeout, seen))
+
+
 OPS: Dict[str, Callable[[Args], Dict[str, Any]]] = {
     "probe": probe, "publish": publish, "switch": switch, "status": status, "frames": frames, "activate": activate,
     "service_restart": service_restart, "service_activate": service_activate, "service_stop": service_stop,
     "service_wait": service_wait,
+    "shadow_run": shadow_run,
 }
 
 

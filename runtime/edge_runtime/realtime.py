@@ -216,16 +216,22 @@ class SyntheticSource(FrameSource):
 
 
 class ImageFolderSource(FrameSource):
-    """The images of a folder in name order (optionally paced to an FPS)."""
+    """The images of a folder in name order (optionally paced to an FPS).
 
-    def __init__(self, folder: Path, fps: Optional[float] = None, max_frames: Optional[int] = None) -> None:
+    With `loop` (the service: a recorded line replayed) it starts over after the last image, so
+    a folder feeds a service for as long as it runs; `max_frames` still bounds the total.
+    """
+
+    def __init__(self, folder: Path, fps: Optional[float] = None, max_frames: Optional[int] = None,
+                 loop: bool = False) -> None:
         self.files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.files:
             raise SourceError(f"folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}); point --source at images")
         self._pacer = _Pacer(fps)
         self.max_frames = max_frames
-        self.index = 0
-        self.description = f"folder:{folder} ({len(self.files)} images)"
+        self.loop = loop
+        self.index = 0  # frames delivered (or skipped as unreadable) so far
+        self.description = f"folder:{folder} ({len(self.files)} images{', looped' if loop else ''})"
 
     def wait_next(self) -> None:
         """Sleep until the next image is due (only with --fps)."""
@@ -233,13 +239,18 @@ class ImageFolderSource(FrameSource):
 
     def read(self) -> Optional[np.ndarray]:
         """Next image (unreadable files are skipped with a warning, not fatal mid-run)."""
-        while self.index < len(self.files) and (self.max_frames is None or self.index < self.max_frames):
-            path = self.files[self.index]
+        skipped_in_a_row = 0
+        while (self.loop or self.index < len(self.files)) and (self.max_frames is None or
+                                                               self.index < self.max_frames):
+            path = self.files[self.index % len(self.files)]
             self.index += 1
             image = cv2.imread(str(path), cv2.IMREAD_COLOR)
             if image is not None:
                 return image
             log.warning("skipping unreadable image %s", path)
+            skipped_in_a_row += 1
+            if skipped_in_a_row >= len(self.files):  # a looped folder of nothing readable must not spin
+                return None
         return None
 
 
@@ -304,7 +315,10 @@ class CaptureSource(FrameSource):
 
 def open_source(spec: str, fps: Optional[float] = None, max_frames: Optional[int] = None,
                 reconnect: bool = False) -> FrameSource:
-    """`synthetic[:WxH]` | camera index (`0`) | folder of images | video file (`reconnect`: cameras only)."""
+    """`synthetic[:WxH]` | camera index (`0`) | folder of images | video file.
+
+    `reconnect` (the service): a camera that stops delivering is reopened, a folder is replayed.
+    """
     if spec == "synthetic" or spec.startswith("synthetic:"):
         w, h = 640, 480
         if ":" in spec:
@@ -317,7 +331,7 @@ def open_source(spec: str, fps: Optional[float] = None, max_frames: Optional[int
         return CaptureSource(int(spec), fps, max_frames, reconnect=reconnect)
     path = Path(spec)
     if path.is_dir():
-        return ImageFolderSource(path, fps, max_frames)
+        return ImageFolderSource(path, fps, max_frames, loop=reconnect)
     if path.is_file():
         return CaptureSource(str(path), fps, max_frames)
     raise SourceError(f"source '{spec}' is not a camera index, folder, video file or synthetic[:WxH]; fix --source")

@@ -10,6 +10,11 @@ on disk, the actuator hook), and a small HTTP server for people and monitors:
   /          live view: the last frame with its boxes, refreshing itself
   /frame.jpg the annotated last frame;  /live.json what the page shows beside it
 
+A release served from `D/releases/<name>` also runs shadow requests: the fleet asks, through
+`D/service/shadow/request.json`, for a candidate release to run beside this one on every k-th
+live frame, and gets the comparison back as `D/service/shadow/<id>.json` (`shadow.py`). A shadow
+never makes the service unhealthy; /healthz shows its progress under `shadow`.
+
 Memory is bounded for any run length (see `metrics.py`). SIGTERM or SIGINT stop the loop, flush
 the publishers and exit 0. Under systemd (`Type=notify`), `READY=1` is sent after the first
 inference and `WATCHDOG=1` only while the service is healthy, so systemd restarts a service
@@ -36,6 +41,7 @@ from .manifest import Manifest, Variant, load_manifest
 from .metrics import MetricsText
 from .realtime import FrameSource, RealtimeLoop, ThermalGovernor, annotate, load_actuator, open_source
 from .service_config import ServiceConfig
+from .shadow import ShadowHandler, deploy_dir_of
 from .thermal import ThermalReader
 
 log = logging.getLogger("edge_runtime.service")
@@ -125,6 +131,7 @@ class Service:
         self.detectors, governor, start = open_detectors(release_dir, self.manifest, config.variant, engines,
                                                          adaptive, thermal_root)
         self.handlers: List[Any] = []
+        self.shadow: Optional[ShadowHandler] = None
         self._thermal_cache: Tuple[float, Optional[float], Optional[bool]] = (-1e9, None, None)
         try:
             self.source = source or open_source(config.source, config.fps, max_frames, reconnect=True)
@@ -167,6 +174,10 @@ class Service:
                                         release=self.manifest.release, class_names=names))
         if c.actuator:
             handlers.append(load_actuator(c.actuator))
+        deploy_dir = deploy_dir_of(self.release_dir)
+        if deploy_dir is not None:  # last: the publishers get each result before the shadow's hand-off
+            self.shadow = ShadowHandler(deploy_dir, self.release_dir.resolve().name, names, c.variant)
+            handlers.append(self.shadow)
         return handlers
 
     def counters(self) -> Dict[str, float]:
@@ -229,6 +240,7 @@ class Service:
             "frames_captured": loop.captured, "frames_handled": loop.stats.handled,
             "frames_dropped": int(loop.frames.dropped), "last_error": self.fatal_error or loop.stats.last_error,
             "problems": problems, "pid": os.getpid(),
+            "shadow": self.shadow.status() if self.shadow is not None else None,  # never part of `ok`
         }
         return doc["ok"], doc
 
@@ -271,6 +283,14 @@ class Service:
         for name, value in sorted(self.counters().items()):
             kind = "counter" if name.endswith("_total") else "gauge"
             m.sample(name, kind, f"Publisher counter {name}.", value)
+        if self.shadow is not None:
+            sh = self.shadow.metrics()
+            m.sample("shadow_frames_compared_total", "counter",
+                     "Frames a shadow candidate release was compared on, over every shadow.",
+                     sh["frames_compared_total"])
+            m.sample("shadow_errors_total", "counter",
+                     "Shadow candidate exceptions (load or inference), over every shadow.", sh["errors_total"])
+            m.sample("shadow_active", "gauge", "1 while a shadow candidate runs beside the release.", sh["active"])
         return m.text()
 
     # ----------------------------------------------------------------- live view

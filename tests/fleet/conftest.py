@@ -23,6 +23,7 @@ from typing import Any, Iterator, Sequence
 
 import pytest
 import yaml
+from fleet_hosts import make_variant
 from support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -206,17 +207,6 @@ def sshd_fleet(tmp_path: Path, user_key: Path) -> Iterator[SshdFleet]:
         fleet.stop_all()
 
 
-def make_variant(src: Path, dest: Path, tag: str) -> Path:
-    """A copy of an ONNX model with one extra metadata entry: same behaviour, different sha256."""
-    import onnx
-
-    model = onnx.load(str(src))
-    entry = model.metadata_props.add()
-    entry.key, entry.value = "fleet_test_variant", tag
-    dest.write_bytes(model.SerializeToString())
-    return dest
-
-
 def make_int8(fp32: Path, dataset: Path, dest: Path) -> Path:
     """A real static-INT8 model of `fp32`: the committed params' first quantize candidate, calibrated
     on a few of the dataset's training images (the quantize stage's own building block)."""
@@ -260,36 +250,40 @@ def make_broken_model(src: Path, dest: Path) -> Path:
     return dest
 
 
-def make_perturbed(src: Path, dest: Path, scale: float = 0.5, seed: int = 0) -> Path:
-    """A copy of an ONNX model whose float weights are scaled by random factors in [1-scale, 1+scale]:
-    it loads, runs and passes the health check, but detects differently (a candidate that must
-    fail its shadow beside the original)."""
+def make_shifted(src: Path, dest: Path, dx: float = 48.0) -> Path:
+    """A copy of an ONNX YOLOv8 model whose boxes all come out `dx` pixels to the right (an Add on
+    the x-centre row of output0): it loads, runs and passes the health check, but its boxes no
+    longer overlap the original's, so it must fail a shadow beside it. (Perturbing the weights of
+    the barely-trained tiny model changes nothing: its output is its biases.)"""
     import numpy as np
     import onnx
-    from onnx import numpy_helper
+    from onnx import helper, numpy_helper
 
     model = onnx.load(str(src))
-    rng = np.random.default_rng(seed)
-    for init in model.graph.initializer:
-        w = numpy_helper.to_array(init)
-        if w.dtype == np.float32 and w.size > 1:
-            noisy = w * rng.uniform(1.0 - scale, 1.0 + scale, size=w.shape).astype(np.float32)
-            init.CopyFrom(numpy_helper.from_array(noisy.astype(np.float32), init.name))
+    out = model.graph.output[0]
+    rows = out.type.tensor_type.shape.dim[1].dim_value  # 4 box rows + one per class
+    for node in model.graph.node:
+        node.output[:] = [f"{o}_unshifted" if o == out.name else o for o in node.output]
+    offset = np.zeros((1, rows, 1), np.float32)
+    offset[0, 0, 0] = dx
+    model.graph.initializer.append(numpy_helper.from_array(offset, "fleet_test_shift"))
+    model.graph.node.append(helper.make_node("Add", [f"{out.name}_unshifted", "fleet_test_shift"], [out.name]))
+    onnx.checker.check_model(model)
     dest.write_bytes(model.SerializeToString())
     return dest
 
 
 @pytest.fixture(scope="session")
 def fleet_models(tiny_model: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A models/ folder (yolov8n, a same-behaviour variant 'alt', a 'broken' one, a 'noisy' one that
-    detects differently) + health samples."""
+    """A models/ folder (yolov8n, a same-behaviour variant 'alt', a 'broken' one, a 'shifted' one
+    whose boxes are elsewhere) + health samples."""
     from pipeline.fleet.artifacts import Sources
 
     models = tmp_path_factory.mktemp("models")
     shutil.copyfile(tiny_model["onnx"], models / "yolov8n.onnx")
     make_variant(tiny_model["onnx"], models / "alt.onnx", "alt")
     make_broken_model(tiny_model["onnx"], models / "broken.onnx")
-    make_perturbed(tiny_model["onnx"], models / "noisy.onnx")  # healthy, but disagrees in shadow
+    make_shifted(tiny_model["onnx"], models / "shifted.onnx")  # healthy, but disagrees in shadow
     # INT8 models as the quantize stage writes them (the committed inventory's local group is int8).
     make_int8(tiny_model["onnx"], tiny_model["dataset"], models / "yolov8n.int8.onnx")
     make_variant(models / "yolov8n.int8.onnx", models / "alt.int8.onnx", "alt")

@@ -1,4 +1,4 @@
-"""Helpers the fleet tests share: the service section of a test host, and a device's sshd dying.
+"""Helpers the fleet tests share: a test host's service section, a device's sshd dying, model variants.
 
 Imported by the test modules of this folder (pytest puts it on sys.path); fixtures live in
 conftest.py.
@@ -72,3 +72,14 @@ def restart_sshd(host: Any) -> None:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"sshd on {host.address}:{host.port} did not come back")
+
+
+def make_variant(src: Path, dest: Path, tag: str) -> Path:
+    """A copy of an ONNX model with one extra metadata entry: same behaviour, different sha256."""
+    import onnx
+
+    model = onnx.load(str(src))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "fleet_test_variant", tag
+    dest.write_bytes(model.SerializeToString())
+    return dest

@@ -118,3 +118,21 @@ def test_inventory_shadow_section_merges_key_by_key_and_is_checked(tmp_path: Any
                          ({"minutes": float("inf")}, "shadow.minutes")]:
         with pytest.raises(InventoryError, match=message):
             parse_inventory(_inventory(bad), tmp_path / "inv.yaml")
+
+
+def test_the_report_reads_the_latest_shadow_per_host(tmp_path: Any) -> None:
+    import json
+
+    from pipeline.stages.report import latest_device_results, latest_fleet_docs, shadow_rows
+
+    host = tmp_path / "fleet" / "pi1"
+    host.mkdir(parents=True)
+    for stamp, passed in (("20261201T100000Z", False), ("20261201T120000Z", True)):
+        doc = {"kind": "shadow", "created_utc": stamp, "candidate": "c" * 12, "current": "a" * 12, "passed": passed,
+               "reasons": [] if passed else ["F1 0.5 < min_f1 0.9"], "result": GOOD}
+        (host / f"shadow-{stamp}.json").write_text(json.dumps(doc))
+    (host / "20261201T110000Z.json").write_text(json.dumps({"kind": "device-benchmark", "created_utc": "x"}))
+    rows = shadow_rows(latest_fleet_docs(tmp_path / "fleet", "shadow"))
+    assert len(rows) == 1 and rows[0]["passed"] and rows[0]["measured_utc"] == "20261201T120000Z"
+    assert rows[0]["f1"] == pytest.approx(0.974) and rows[0]["p95_candidate_ms"] == 14.0
+    assert [d["_file"] for d in latest_device_results(tmp_path / "fleet")] == ["20261201T110000Z.json"]

@@ -230,6 +230,14 @@ def test_sources(tmp_path: Path) -> None:
     assert isinstance(src, ImageFolderSource)
     frames = [src.read() for _ in range(4)]
     assert [f is not None for f in frames] == [True, True, True, False] and int(frames[2][0, 0, 0]) == 100
+    # The service (reconnect) replays a folder: a recorded line feeds it for as long as it runs.
+    looped = open_source(str(folder), reconnect=True, max_frames=7)
+    values = [int(f[0, 0, 0]) if (f := looped.read()) is not None else None for _ in range(8)]
+    assert values == [0, 50, 100, 0, 50, 100, 0, None] and "looped" in looped.description
+    (folder / "000.png").write_bytes(b"junk")
+    (folder / "001.png").write_bytes(b"junk")
+    (folder / "002.png").write_bytes(b"junk")
+    assert open_source(str(folder), reconnect=True).read() is None  # nothing readable: ends, never spins
 
     video = tmp_path / "clip.avi"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (32, 24))

@@ -9,14 +9,10 @@ camera), run in-process so the test controls the moment it stops.
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import tracemalloc
@@ -28,41 +24,14 @@ from typing import Any, Dict, Optional, Tuple
 import cv2
 import numpy as np
 import pytest
-from support import free_port, healthz, shipped_runtime, wait_for  # noqa: E402
+from support import free_port, healthz, parse_metrics, service_doc, start_serve, wait_for  # noqa: E402
 
-from edge_runtime.manifest import PostprocessSettings, ThermalSettings, load_manifest
+from edge_runtime.manifest import load_manifest
 from edge_runtime.realtime import FrameSource, RealtimeLoop, SyntheticSource
-from edge_runtime.release import VariantFiles, assemble_release
 from edge_runtime.service import Service, open_detectors
 from edge_runtime.service_config import ServiceConfigError, config_from_json, config_to_json, load_service_config
 
 pytest_plugins = ["browser", "mqtt_broker"]
-
-
-def service_doc(tmp: Path, port: int, **over: Any) -> Dict[str, Any]:
-    doc = {"device": "dev1", "source": "synthetic:320x240", "fps": 30.0, "http_bind": "127.0.0.1", "http_port": port,
-           "stall_s": 2.0, "jsonl_max_mb": 0.05, "jsonl_backups": 2, "mqtt_host": "", "mqtt_port": 1883,
-           "mqtt_topic": "", "mqtt_queue": 100, "frames_dir": str(tmp / "frames"), "frames_every_s": 0.5,
-           "frames_band": [0.25, 0.5], "frames_max_files": 6, "frames_max_mb": 5.0, "actuator": "", "variant": None}
-    doc.update(over)
-    return doc
-
-
-@pytest.fixture(scope="module")
-def runtime(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return shipped_runtime(tmp_path_factory.mktemp("runtime"))
-
-
-@pytest.fixture(scope="module")
-def deploy(tiny_model: Dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A deploy folder with one release (two variants, thermal settings) and `current` pointing at it."""
-    root = tmp_path_factory.mktemp("deploy")
-    sample = Path(sorted(glob.glob(str(tiny_model["dataset"] / "images" / "val" / "*")))[0])
-    assemble_release(root / "releases" / "r1", [VariantFiles("big", 64, tiny_model["onnx"]),
-                                                VariantFiles("small", 64, tiny_model["onnx"])],
-                     sample, thermal=ThermalSettings(80.0, 70.0), postprocess=PostprocessSettings(0.001, 0.45, 20))
-    os.symlink("releases/r1", root / "current")
-    return root
 
 
 def get(url: str, timeout: float = 5.0) -> Tuple[int, bytes]:
@@ -73,37 +42,9 @@ def get(url: str, timeout: float = 5.0) -> Tuple[int, bytes]:
         return e.code, e.read()
 
 
-def start_serve(runtime: Path, deploy: Path, doc: Dict[str, Any], *extra: str) -> subprocess.Popen:
-    (deploy / "service").mkdir(exist_ok=True)
-    (deploy / "service" / "service.json").write_text(json.dumps(doc))
-    return subprocess.Popen([sys.executable, "-m", "edge_runtime", "serve", "--deploy-dir", str(deploy), *extra],
-                            cwd=runtime, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={"PATH": "/usr/bin:/bin", "HOME": str(runtime)})
-
-
 def healthy(port: int) -> Optional[Dict[str, Any]]:
     doc = healthz(port)
     return doc if doc is not None and doc["ok"] else None
-
-
-def parse_metrics(text: str) -> Dict[str, float]:
-    """`name{labels}` -> value, checking the exposition's shape on the way."""
-    out, declared = {}, set()
-    for line in text.splitlines():
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split(" ", 3)
-            assert kind in ("gauge", "counter", "histogram"), line
-            assert name not in declared, f"{name} declared twice"
-            declared.add(name)
-            continue
-        if line.startswith("#") or not line:
-            continue
-        m = re.fullmatch(r'([a-z_]+)(\{[^}]*\})? (\S+)', line)
-        assert m, f"not a Prometheus sample line: {line!r}"
-        base = re.sub(r"_(bucket|sum|count)$", "", m.group(1))
-        assert m.group(1) in declared or base in declared, f"{m.group(1)} has no # TYPE line"
-        out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
-    return out
 
 
 @pytest.mark.slow
