@@ -259,11 +259,9 @@ def test_rollout_faults_link_cut_truncated_upload_and_service_killed(
             conn.put = short_put
         return upload(conn, host, kind, bundle, *args, **kwargs)
 
-    steps.upload_bundle = truncating
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(steps, "upload_bundle", truncating)
         run = _staged(inv, sources, tmp_path, "short", batch="2")
-    finally:
-        steps.upload_bundle = upload
     res = {r.host: r for r in run.results}
     assert run.rollout["by"] == ["b1"] and res["b1"].failed_step == "verify", res["b1"].error
     assert "upload verification failed" in res["b1"].error
@@ -290,11 +288,9 @@ def test_rollout_faults_link_cut_truncated_upload_and_service_killed(
             threading.Thread(target=killer, daemon=True).start()
         return activate(conn, host, deploy_dir, runtime, release, *args, **kwargs)
 
-    steps.activate = kill_service_at_switch
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(steps, "activate", kill_service_at_switch)
         run = _staged(inv, sources, tmp_path, "kill", batch="2")
-    finally:
-        steps.activate = activate
     res = {r.host: r for r in run.results}
     # Whatever the kill hit (the old service, or the new one starting), the device converges:
     # either b1 is healthy on the new release, or it went back to the old one and the rollout stopped.

@@ -247,18 +247,27 @@ def candidates(deploy: Path, tiny_model: Dict[str, Path]) -> Path:
     return deploy
 
 
-@pytest.fixture
-def service(candidates: Path, tmp_path: Path) -> Iterator[Tuple[Service, int]]:
-    """The service on `current`, in-process, on a synthetic camera; service.json written for the device op."""
+def start_in_process(candidates: Path, tmp_path: Path, write_config: bool = False
+                     ) -> Tuple[Service, int, threading.Thread]:
+    """The service on `current`, in-process on a synthetic camera, serving HTTP on a free port;
+    `write_config` also writes service.json where the device op looks for it."""
     port = free_port()
     doc = service_doc(tmp_path, port, frames_every_s=0.0, frames_band=[0.0, 0.0001])
-    (candidates / "service").mkdir(exist_ok=True)
-    (candidates / "service" / "service.json").write_text(json.dumps(doc))
+    if write_config:
+        (candidates / "service" / "service.json").write_text(json.dumps(doc))
     svc = Service(candidates / "current", config_from_json(doc), tmp_path / "out",
                   source=SyntheticSource(160, 120, fps=30.0), adaptive=False)
     svc.start_http()
     runner = threading.Thread(target=svc.run, daemon=True)
     runner.start()
+    return svc, port, runner
+
+
+@pytest.fixture
+def service(candidates: Path, tmp_path: Path) -> Iterator[Tuple[Service, int]]:
+    """The service on `current`, in-process, on a synthetic camera; service.json written for the device op."""
+    (candidates / "service").mkdir(exist_ok=True)
+    svc, port, runner = start_in_process(candidates, tmp_path, write_config=True)
     try:
         wait_for(lambda: (healthz(port) or {}).get("ok"), 30, "a healthy service")
         yield svc, port
@@ -363,13 +372,7 @@ def test_a_new_request_stops_the_running_one(service: Tuple[Service, int], candi
 
 
 def test_stopping_the_service_keeps_the_partial_shadow(candidates: Path, tmp_path: Path) -> None:
-    port = free_port()
-    doc = service_doc(tmp_path, port, frames_every_s=0.0, frames_band=[0.0, 0.0001])
-    svc = Service(candidates / "current", config_from_json(doc), tmp_path / "out",
-                  source=SyntheticSource(160, 120, fps=30.0), adaptive=False)
-    svc.start_http()
-    runner = threading.Thread(target=svc.run, daemon=True)
-    runner.start()
+    svc, port, runner = start_in_process(candidates, tmp_path)
     try:
         write_request(candidates, id="partial-1", candidate="same", every_k=1, frames=None, seconds=600,
                       engines=None, threads=2)
