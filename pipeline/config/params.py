@@ -441,8 +441,20 @@ class TrainParams(ParamsModel):
         return self
 
 
+class Fp16ParityParams(ParamsModel):
+    """`export.fp16`: the gate on models/yolov8n.fp16.onnx against the FP32 ONNX (both run by ORT CPU on
+    the same `parity_images` val images as the PyTorch check)."""
+
+    atol_box: float = Field(gt=0.0)  # max |FP16 - FP32| on box coordinates, in input pixels
+    atol_score: float = Field(gt=0.0)  # max |FP16 - FP32| on class scores (0-1)
+    min_f1: Probability  # detection agreement: box F1 of FP16 vs FP32 detections (same class, IoU >= 0.5)
+    conf: float = Field(gt=0.0, lt=1.0)  # decode thresholds for that agreement (a release's defaults)
+    iou: float = Field(gt=0.0, le=1.0)
+    max_det: int = Field(ge=1)
+
+
 class ExportParams(ParamsModel):
-    """Stage `export`: ONNX export and the ORT-vs-PyTorch parity gate."""
+    """Stage `export`: ONNX export, the ORT-vs-PyTorch parity gate and the FP16 copy's gate."""
 
     opset: int = Field(ge=11, le=22)
     imgsz: ImageSize
@@ -450,6 +462,7 @@ class ExportParams(ParamsModel):
     parity_images: int = Field(ge=1)  # val images run through both runtimes
     parity_atol_box: float = Field(gt=0.0)  # max |ORT - torch| on box coordinates, in input pixels
     parity_atol_score: float = Field(gt=0.0)  # max |ORT - torch| on class scores (0-1)
+    fp16: Fp16ParityParams
 
 
 def _folder_name(value: str) -> str:

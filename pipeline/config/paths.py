@@ -27,6 +27,7 @@ TRAIN_METRICS = Path("reports/train/metrics.json")
 TRAIN_EPOCHS = Path("reports/train/epochs.csv")
 
 ONNX_MODEL = Path("models/yolov8n.onnx")
+FP16_MODEL = Path("models/yolov8n.fp16.onnx")  # stage export: float16 weights/activations, float32 I/O (TensorRT 11)
 EXPORT_METRICS = Path("reports/export/metrics.json")
 
 CAMERA_FRAMES_DIR = Path("data/camera_frames")  # stage camera: frames/<camera-id>/*.jpg + labelled/

@@ -8,7 +8,11 @@ and a redeploy finds everything already on the device.
 Which model files a host gets (from its runtime and precision):
   onnxruntime int8  models/<model>.int8.onnx       (from `dvc repro quantize`)
   onnxruntime fp32  models/<model>.onnx
-  tensorrt fp16/32  models/<model>.onnx            (the engine is built on the device)
+  tensorrt fp32     models/<model>.onnx            (the engine is built on the device)
+  tensorrt fp16     models/<model>.onnx + models/<model>.fp16.onnx (from `dvc repro export`):
+                    TensorRT 8.5/10 build FP16 from the FP32 ONNX with the builder flag, TensorRT 11
+                    (no FP16 flag: strongly typed networks) from the FP16 ONNX, the manifest's
+                    variant field `fp16_onnx_file` (file role `fp16_onnx`)
   tensorrt int8     models/<model>.onnx + models/<model>.int8.trt.onnx (symmetric QDQ)
 """
 
@@ -85,6 +89,16 @@ class Release:
     manifest: Manifest
     model_file: str
     trt_onnx_file: str | None
+    fp16_onnx_file: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """The model files one host's release ships (see the module docstring)."""
+
+    model: Path  # what ORT loads / what TensorRT builds from (manifest: variants[].model_file)
+    trt_onnx: Path | None = None  # TensorRT INT8: the symmetric-QDQ ONNX (variants[].trt_onnx_file)
+    fp16_onnx: Path | None = None  # TensorRT FP16: the FP16 ONNX for TensorRT 11 (variants[].fp16_onnx_file)
 
 
 def cached_sha256(path: Path) -> str:
@@ -117,12 +131,12 @@ def runtime_bundle(runtime_root: Path) -> Bundle:
 
 
 def model_paths(models_dir: Path, model: str) -> dict[str, Path]:
-    """The FP32, INT8 (ORT) and symmetric-QDQ (TensorRT) files of model variant `model`."""
+    """The FP32, INT8 (ORT), symmetric-QDQ (TensorRT INT8) and FP16 (TensorRT 11 FP16) files of model `model`."""
     if not SAFE_NAME.match(model) or model.endswith(".onnx"):
         raise ArtifactError(f"--model {model!r}: give a model name such as 'yolov8n' (files models/<name>.onnx, "
                             "models/<name>.int8.onnx); letters, digits, '_', '.', '-' only")
     return {"fp32": models_dir / f"{model}.onnx", "int8": models_dir / f"{model}.int8.onnx",
-            "int8_trt": models_dir / f"{model}.int8.trt.onnx"}
+            "int8_trt": models_dir / f"{model}.int8.trt.onnx", "fp16": models_dir / f"{model}.fp16.onnx"}
 
 
 def _require(path: Path, what: str, fix: str) -> Path:
@@ -131,20 +145,35 @@ def _require(path: Path, what: str, fix: str) -> Path:
     return path
 
 
-def select_model_files(host: Host, models_dir: Path, model: str) -> tuple[Path, Path | None]:
-    """(model file, symmetric-QDQ file or None) for this host's runtime and precision."""
+def release_model_files(host: Host, models_dir: Path, model: str) -> ModelFiles:
+    """Every model file this host's release ships, for its runtime and precision; ArtifactError
+    naming the stage that makes a missing one."""
     files = model_paths(models_dir, model)
     fp32_fix = "run `dvc repro export` (or pick another model with --model)"
     if host.runtime == "onnxruntime":
         if host.precision == "int8":
-            return _require(files["int8"], f"{host.name} runs ONNX Runtime INT8",
-                            "run `dvc repro quantize` to produce it (or set the host's precision to fp32)"), None
-        return _require(files["fp32"], f"{host.name} runs ONNX Runtime FP32", fp32_fix), None
+            return ModelFiles(_require(files["int8"], f"{host.name} runs ONNX Runtime INT8",
+                                       "run `dvc repro quantize` to produce it (or set the host's precision to fp32)"))
+        return ModelFiles(_require(files["fp32"], f"{host.name} runs ONNX Runtime FP32", fp32_fix))
     fp32 = _require(files["fp32"], f"{host.name} builds a TensorRT engine from the FP32 ONNX", fp32_fix)
     if host.precision == "int8":
-        return fp32, _require(files["int8_trt"], f"{host.name} builds a TensorRT INT8 engine from the "
-                              "symmetric-QDQ ONNX", "run `dvc repro quantize` to produce it (or use precision fp16)")
-    return fp32, None
+        return ModelFiles(fp32, trt_onnx=_require(
+            files["int8_trt"], f"{host.name} builds a TensorRT INT8 engine from the symmetric-QDQ ONNX",
+            "run `dvc repro quantize` to produce it (or use precision fp16)"))
+    if host.precision == "fp16":
+        # Both: which one the engine is built from depends on the device's TensorRT version, which
+        # the workstation does not know (8.5/10: the FP32 ONNX + FP16 flag; 11: the FP16 ONNX).
+        return ModelFiles(fp32, fp16_onnx=_require(
+            files["fp16"], f"{host.name} runs TensorRT FP16, which TensorRT 11 builds from the FP16 ONNX",
+            "run `dvc repro export` to produce it beside the FP32 ONNX (or use precision fp32)"))
+    return ModelFiles(fp32)
+
+
+def select_model_files(host: Host, models_dir: Path, model: str) -> tuple[Path, Path | None]:
+    """(model file, symmetric-QDQ file or None) for this host's runtime and precision, after checking
+    that every file its release ships exists (`release_model_files`, which also names the FP16 ONNX)."""
+    files = release_model_files(host, models_dir, model)
+    return files.model, files.trt_onnx
 
 
 def model_metadata(path: Path, stage: str) -> dict[str, str]:
@@ -211,7 +240,8 @@ def source_lineage(model_sha256: str) -> dict[str, str]:
 def build_release(host: Host, sources: Sources, model: str, runtime: Bundle,
                   lineage: Mapping[str, str] | None = None) -> Release:
     """The release this host gets: files, manifest and content address (nothing written yet)."""
-    model_file, trt_file = select_model_files(host, sources.models_dir, model)
+    shipped = release_model_files(host, sources.models_dir, model)
+    model_file, trt_file, fp16_file = shipped.model, shipped.trt_onnx, shipped.fp16_onnx
     fp32 = model_paths(sources.models_dir, model)["fp32"]
     class_names, imgsz, output_format = model_description(model_file, fp32)
     sample = health_sample(sources.samples_dir)
@@ -220,6 +250,9 @@ def build_release(host: Host, sources: Sources, model: str, runtime: Bundle,
     if trt_file is not None:
         files[trt_file.name] = trt_file
         roles[trt_file.name] = "trt_onnx"
+    if fp16_file is not None:
+        files[fp16_file.name] = fp16_file
+        roles[fp16_file.name] = "fp16_onnx"
     sample_name = "health_sample" + sample.suffix.lower()
     files[sample_name] = sample
     roles[sample_name] = "health_sample"
@@ -233,7 +266,8 @@ def build_release(host: Host, sources: Sources, model: str, runtime: Bundle,
         precision=host.precision,
         class_names=class_names,
         output_format=output_format,
-        variants=(Variant(str(imgsz), imgsz, model_file.name, trt_file.name if trt_file else None),),
+        variants=(Variant(str(imgsz), imgsz, model_file.name, trt_file.name if trt_file else None,
+                          fp16_file.name if fp16_file else None),),
         files=entries,
         ort=OrtSettings(threads=host.ort_threads),
         tensorrt=TensorRTSettings(workspace_mb=host.trt_workspace_mb) if host.runtime == "tensorrt" else None,
@@ -244,7 +278,8 @@ def build_release(host: Host, sources: Sources, model: str, runtime: Bundle,
     digest = hashlib.sha256(json.dumps(manifest.to_json(), sort_keys=True).encode()).hexdigest()
     manifest = replace(manifest, release=digest[:12])
     bundle = Bundle(manifest.release, files, {n: (e.sha256, e.size) for n, e in entries.items()})
-    return Release(runtime, bundle, manifest, model_file.name, trt_file.name if trt_file else None)
+    return Release(runtime, bundle, manifest, model_file.name, trt_file.name if trt_file else None,
+                   fp16_file.name if fp16_file else None)
 
 
 def materialize_manifest(release: Release, workdir: Path) -> Release:

@@ -109,11 +109,21 @@ HEADLINE_KEYS: dict[str, str] = {
     "peak_rss_mb": "peak_rss_mb",
     "temp_start_c": "thermal.start_c",
     "temp_max_c": "thermal.max_c",
+    # Power (runtime/edge_runtime/power.py): absent, not zero, where the device has no sensors.
+    "power_idle_w": "power.idle_w",
+    "power_mean_w": "power.mean_w",
+    "power_cpu_gpu_mean_w": "power.cpu_gpu.mean_w",
+    "energy_mj_per_inference": "power.energy_mj_per_inference",
+    "energy_above_idle_mj_per_inference": "power.energy_above_idle_mj_per_inference",
+    # The bench process's CPU time over the window's wall time: 100 = one core busy.
+    "cpu_percent": "cpu.percent_of_one_core",
+    "cpu_percent_all_cores": "cpu.percent_of_all_cores",
 }
 
 
 def bench_metrics(doc: Mapping[str, Any]) -> dict[str, float]:
-    """Headline metrics (p50/p95/p99 ms, fps, rss, temperatures, throttled) plus every numeric leaf.
+    """Headline metrics (p50/p95/p99 ms, fps, rss, temperatures, throttled, idle/mean W, mJ per
+    inference, CPU %) plus every numeric leaf.
 
     Leaves are prefixed `bench.` so the headline names stay the ones compared across devices.
     """

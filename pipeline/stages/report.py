@@ -219,6 +219,9 @@ def device_rows(docs: Sequence[Mapping[str, Any]], model_shas: Mapping[str, str]
             "model": by_sha.get(sha, "other (not this pipeline's current models)"), "release": doc.get("release", ""),
             "p50_ms": m.get("latency_p50_ms"), "p95_ms": m.get("latency_p95_ms"), "fps": m.get("fps"),
             "peak_rss_mb": m.get("peak_rss_mb"), "temp_max_c": m.get("temp_max_c"), "throttled": m.get("throttled"),
+            # None (shown "–") where the device has no power sensors or the document predates them.
+            "power_idle_w": m.get("power_idle_w"), "power_mean_w": m.get("power_mean_w"),
+            "energy_mj_per_inference": m.get("energy_mj_per_inference"), "cpu_percent": m.get("cpu_percent"),
             "preprocess_p50_ms": (stages.get("preprocess") or {}).get("p50"),
             "infer_p50_ms": (stages.get("infer") or {}).get("p50"),
             "postprocess_p50_ms": (stages.get("postprocess") or {}).get("p50"),
@@ -311,9 +314,10 @@ def plot_tables(r: Report) -> dict[str, str]:
         "per_class_fp32.csv": _csv(["class", "AP50-95"], sorted(per_class["fp32"].items())),
         "per_class_int8.csv": _csv(["class", "AP50-95"], sorted(per_class["int8"].items())),
         "devices.csv": _csv(["host", "model", "backend", "precision", "p50_ms", "p95_ms", "fps", "temp_max_c",
-                             "throttled"], [[d["host"], d["model"], d["backend"], d["precision"], d["p50_ms"],
-                                             d["p95_ms"], d["fps"], d["temp_max_c"], d["throttled"]]
-                                            for d in r.devices]),
+                             "throttled", "power_idle_w", "power_mean_w", "energy_mj_per_inference", "cpu_percent"],
+                            [[d["host"], d["model"], d["backend"], d["precision"], d["p50_ms"], d["p95_ms"], d["fps"],
+                              d["temp_max_c"], d["throttled"], d.get("power_idle_w"), d.get("power_mean_w"),
+                              d.get("energy_mj_per_inference"), d.get("cpu_percent")] for d in r.devices]),
         "thermal.csv": _csv(["host", "t_end_s", "p50_ms", "p95_ms", "fps", "temp_max_c"],
                             [[t["host"], t["t_end_s"], t["p50_ms"], t["p95_ms"], t["fps"], t["temp_max_c"]]
                              for t in r.thermal]),
@@ -439,15 +443,20 @@ def render_markdown(r: Report, p: ReportParams, q: QuantizeParams, plots_rel: st
                   f"![latency CDF]({plots_rel}/latency_cdf.png)", ""]
     lines += ["## Devices", ""]
     if r.devices:
-        lines += ["Latest on-device benchmark per host (reports/fleet/<host>/).", "",
+        lines += ["Latest on-device benchmark per host (reports/fleet/<host>/). Power from the device's own "
+                  "sensors (Jetson INA3221 rails, Pi 5 PMIC), idle before the window and mean during it; "
+                  "\"–\" where the device has none. CPU %: the benchmark process, 100 = one core.", "",
                   "| host | model | backend | precision | P50 ms | P95 ms | FPS | pre / infer / post P50 ms | "
-                  "max °C | throttled | measured (UTC) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "max °C | throttled | idle W | mean W | mJ / inference | CPU % | measured (UTC) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for d in r.devices:
             throttled = "–" if d["throttled"] is None else ("yes" if d["throttled"] else "no")
             lines.append(f"| {d['host']} | {d['model']} | {d['backend']} | {d['precision']} | {_fmt(d['p50_ms'], 2)} | "
                          f"{_fmt(d['p95_ms'], 2)} | {_fmt(d['fps'], 1)} | {_fmt(d['preprocess_p50_ms'], 2)} / "
                          f"{_fmt(d['infer_p50_ms'], 2)} / {_fmt(d['postprocess_p50_ms'], 2)} | "
-                         f"{_fmt(d['temp_max_c'], 1)} | {throttled} | {d['measured_utc']} |")
+                         f"{_fmt(d['temp_max_c'], 1)} | {throttled} | {_fmt(d.get('power_idle_w'), 2)} | "
+                         f"{_fmt(d.get('power_mean_w'), 2)} | {_fmt(d.get('energy_mj_per_inference'), 1)} | "
+                         f"{_fmt(d.get('cpu_percent'), 1)} | {d['measured_utc']} |")
     else:
         lines.append("No device results in reports/fleet/ yet.")
     if r.shadows:

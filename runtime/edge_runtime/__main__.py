@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     window.add_argument("--seconds", type=float, help="steady-state duration in seconds")
     window.add_argument("--soak-minutes", type=float, help="long soak; reports latency drift per time window")
     sp.add_argument("--sample-interval", type=float, default=1.0, help="temperature sampling period, s")
+    sp.add_argument("--idle-seconds", type=float, default=2.0,
+                    help="rest before the warm-up for the idle power figure, s (only where there are sensors)")
+    sp.add_argument("--power-interval", type=float, default=0.1, help="power sampling period, s (default 10 Hz)")
     sp.set_defaults(func=_command("cmd_bench"))
 
     sp = sub.add_parser("run", help="the real-time loop")

@@ -4,11 +4,15 @@
   optimisation level, execution providers filtered to those this device has), the model loaded
   from its file path (ORT memory-maps external data instead of copying bytes through Python),
   and IO binding with preallocated output buffers when all output shapes are static.
-* `TensorRTBackend`: builds an engine ON the device from the shipped ONNX (FP16 from the FP32
-  model, INT8 from the symmetric-QDQ model = explicit quantization, no calibrator), caches it as
+* `TensorRTBackend`: builds an engine ON the device from the shipped ONNX and caches it as
   ``<deploy_dir>/engines/<key>.engine`` with key = ONNX sha256 + TensorRT version + GPU name +
-  precision, and runs it with the TensorRT 10 tensor API (``num_io_tensors``,
-  ``set_tensor_address``, ``execute_async_v3``), page-locked host buffers and one CUDA stream.
+  precision. One code path for TensorRT 8.5, 10 and 11, chosen by feature (`tensorrt_features`,
+  `plan_build`), never by version string: FP16 from the FP32 ONNX + ``BuilderFlag.FP16`` where that
+  flag exists (8.5/10), else from the FP16 ONNX in a strongly typed network (11); INT8 from the
+  symmetric-QDQ model (explicit quantization, no calibrator) with ``BuilderFlag.INT8`` (8.5/10) or
+  strongly typed (11); ``EXPLICIT_BATCH`` on 8.x. Execution uses the name-based I/O tensor API all
+  three share (``num_io_tensors``, ``set_tensor_address``, ``execute_async_v3``), page-locked
+  host buffers and one CUDA stream.
 
 tensorrt and pycuda are imported lazily, only inside the TensorRT code paths, so a Raspberry Pi
 never needs them.
@@ -281,6 +285,123 @@ def gpu_name(device: Any) -> str:
     return name.decode() if isinstance(name, bytes) else str(name)
 
 
+@dataclass(frozen=True)
+class TensorRTFeatures:
+    """What the installed TensorRT offers, found by looking for the API itself, never by parsing
+    ``__version__`` (JetPack, pip wheels and containers number their builds differently).
+
+    * ``fp16_flag`` / ``int8_flag``: ``BuilderFlag.FP16`` / ``BuilderFlag.INT8`` exist, i.e. weakly
+      typed networks where a builder flag lets TensorRT pick lower-precision kernels (8.x, 10.x;
+      TensorRT 11 removed both, with weak typing, calibrators and ``platform_has_fast_*``).
+    * ``implicit_batch``: the builder still knows implicit batch (``Builder.max_batch_size``, 8.x), so
+      an ONNX network must be created with ``NetworkDefinitionCreationFlag.EXPLICIT_BATCH``. 10.x
+      keeps the flag but ignores it (deprecated), 11 removed it.
+    * ``strongly_typed_flag``: ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` exists (10.x, 11.x;
+      in 11 it is the only mode and the flag is kept, ignored, for compatibility).
+    * ``tensor_io``: the name-based I/O tensor API (``ICudaEngine.num_io_tensors``,
+      ``get_tensor_name``/``get_tensor_mode``, ``IExecutionContext.set_tensor_address``,
+      ``execute_async_v3``), in TensorRT since 8.5 and the only one left in 10 and 11.
+    """
+
+    fp16_flag: bool
+    int8_flag: bool
+    implicit_batch: bool
+    strongly_typed_flag: bool
+    tensor_io: bool
+
+    @property
+    def weak_typing(self) -> bool:
+        """Builder precision flags exist (TensorRT 8.x/10.x)."""
+        return self.fp16_flag or self.int8_flag
+
+    @property
+    def strong_typing(self) -> bool:
+        """Strongly typed networks can be built: the flag exists, or weak typing is gone (11+)."""
+        return self.strongly_typed_flag or not self.weak_typing
+
+
+def tensorrt_features(trt: Any) -> TensorRTFeatures:
+    """Detect the TensorRT API generation by feature (attribute lookups only: works without a GPU)."""
+    flags = trt.BuilderFlag
+    net_flags = trt.NetworkDefinitionCreationFlag
+    engine, context = trt.ICudaEngine, trt.IExecutionContext
+    return TensorRTFeatures(
+        fp16_flag=hasattr(flags, "FP16"),
+        int8_flag=hasattr(flags, "INT8"),
+        implicit_batch=hasattr(trt.Builder, "max_batch_size") and hasattr(net_flags, "EXPLICIT_BATCH"),
+        strongly_typed_flag=hasattr(net_flags, "STRONGLY_TYPED"),
+        tensor_io=all(hasattr(engine, a) for a in ("num_io_tensors", "get_tensor_name", "get_tensor_mode",
+                                                   "get_tensor_shape", "get_tensor_dtype"))
+        and all(hasattr(context, a) for a in ("set_tensor_address", "execute_async_v3")),
+    )
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """How one engine is built: from which ONNX, weakly or strongly typed, with which flags.
+
+    ``network_flags`` / ``builder_flags`` are the attribute names of
+    ``trt.NetworkDefinitionCreationFlag`` / ``trt.BuilderFlag``, so the sidecar and `describe()`
+    say exactly what TensorRT was asked for.
+    """
+
+    onnx_path: Path
+    precision: str
+    typing: str  # "weak" (precision from builder flags) | "strong" (precision from the ONNX's types)
+    network_flags: Tuple[str, ...]
+    builder_flags: Tuple[str, ...]
+
+    def to_json(self) -> Dict[str, Any]:
+        """The plan as recorded in the engine's sidecar and `build-engine`'s output."""
+        return {"onnx_file": self.onnx_path.name, "precision": self.precision, "typing": self.typing,
+                "network_flags": list(self.network_flags), "builder_flags": list(self.builder_flags)}
+
+
+FP16_ONNX_FIX = ("this TensorRT has no BuilderFlag.FP16 (TensorRT 11 removed weak typing), so an FP16 engine is "
+                 "built from the FP16 ONNX (models/yolov8n.fp16.onnx, shipped in fp16 releases) in a strongly "
+                 "typed network; redeploy the release with its FP16 ONNX, or use precision fp32/int8")
+
+
+def plan_build(trt: Any, precision: str, onnx_path: Path, fp16_onnx_path: Optional[Path] = None) -> BuildPlan:
+    """Choose the build for `precision` from what this TensorRT offers (`tensorrt_features`).
+
+    * fp32: the FP32 ONNX; weakly typed without flags (8.x/10.x), strongly typed where weak typing
+      is gone (11).
+    * fp16: the FP32 ONNX with ``BuilderFlag.FP16`` where that flag exists (8.5, 10); otherwise the
+      FP16 ONNX (same weights converted, float32 input/output) in a strongly typed network (11, or
+      any build without the flag). The FP16 ONNX's precision is in its types, so no flag is set.
+    * int8: `onnx_path` is the symmetric-QDQ ONNX (explicit quantization: its Q/DQ nodes carry the
+      scales, no calibrator). Weakly typed with ``INT8`` (+ ``FP16`` so unquantized layers need not
+      run in FP32) where the flags exist; strongly typed QDQ otherwise (11: layers outside Q/DQ pairs
+      run in the ONNX's float type, FP32).
+
+    8.x networks add ``EXPLICIT_BATCH`` (the ONNX parser requires it there; 10 ignores it, 11 removed it).
+    """
+    if precision not in PRECISIONS:
+        raise BackendError(f"precision '{precision}' unknown; use one of {', '.join(PRECISIONS)}")
+    f = tensorrt_features(trt)
+    explicit = ("EXPLICIT_BATCH",) if f.implicit_batch else ()
+    weak_flags: Tuple[str, ...] = ()
+    if precision == "fp16" and f.fp16_flag:
+        weak_flags = ("FP16",)
+    elif precision == "int8" and f.int8_flag:
+        weak_flags = ("FP16", "INT8") if f.fp16_flag else ("INT8",)
+    elif precision == "fp32" and f.weak_typing:
+        return BuildPlan(onnx_path, precision, "weak", explicit, ())
+    if weak_flags:
+        return BuildPlan(onnx_path, precision, "weak", explicit, weak_flags)
+    if not f.strong_typing:
+        raise BackendError(f"TensorRT {trt.__version__} offers neither BuilderFlag.{precision.upper()} nor strongly "
+                           f"typed networks; cannot build a {precision} engine -- use precision fp32")
+    source = onnx_path
+    if precision == "fp16":
+        if fp16_onnx_path is None:
+            raise BackendError(FP16_ONNX_FIX)
+        source = fp16_onnx_path
+    strong = ("STRONGLY_TYPED",) if f.strongly_typed_flag else ()
+    return BuildPlan(source, precision, "strong", explicit + strong, ())
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower() or "unknown"
 
@@ -289,8 +410,9 @@ def engine_key(onnx_sha256: str, trt_version: str, gpu: str, precision: str) -> 
     """Engine cache key: ONNX sha256 + TensorRT version + GPU name + precision.
 
     Engines are not portable across GPUs or TensorRT versions, so all four are in the key. The
-    ONNX hash is shortened to 16 hex digits (64 bits: collisions are not a practical concern for
-    a device's handful of models); the sidecar JSON keeps the full hash.
+    ONNX is the one the engine is built from (FP32, FP16 or QDQ, see `plan_build`). Its hash is
+    shortened to 16 hex digits (64 bits: collisions are not a practical concern for a device's
+    handful of models); the sidecar JSON keeps the full hash.
     """
     if precision not in PRECISIONS:
         raise BackendError(f"precision '{precision}' unknown; use one of {', '.join(PRECISIONS)}")
@@ -336,37 +458,37 @@ class EngineResult:
     reused: bool
     sha256: str
     build_s: float = 0.0
+    build: Optional[BuildPlan] = None
 
     def to_json(self) -> Dict[str, Any]:
         """The contract of `python -m edge_runtime build-engine`."""
         return {"key": self.key, "path": str(self.path), "reused": self.reused, "sha256": self.sha256,
-                "build_s": round(self.build_s, 3)}
+                "build_s": round(self.build_s, 3), "build": self.build.to_json() if self.build else None}
 
 
-def build_serialized_engine(trt: Any, onnx_path: Path, precision: str, workspace_mb: int,
-                            timing_cache_path: Optional[Path]) -> bytes:
-    """Build a serialized engine from ONNX with the TensorRT 10 builder API.
+def build_serialized_engine(trt: Any, plan: BuildPlan, workspace_mb: int, timing_cache_path: Optional[Path]) -> bytes:
+    """Build a serialized engine from `plan` (see `plan_build`) with the builder API that TensorRT
+    8.5, 10 and 11 share (``create_network``, ``OnnxParser.parse_from_file``,
+    ``set_memory_pool_limit``, ``build_serialized_network``).
 
-    FP16: the FP32 ONNX with the FP16 flag. INT8: the symmetric-QDQ ONNX; its Q/DQ nodes carry
-    the scales (explicit quantization), so no calibrator -- FP16 is enabled too so layers left
-    unquantized do not fall back to FP32. The workspace limit keeps Jetson builds (shared CPU/GPU
-    memory) from running out of memory.
+    The workspace limit keeps Jetson builds (shared CPU/GPU memory) from running out of memory.
     """
     if workspace_mb < 1:
         raise BackendError(f"tensorrt.workspace_mb is {workspace_mb}; set a positive MiB limit in the manifest")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: networks are always explicit-batch
+    network_flags = 0
+    for name in plan.network_flags:  # the documented idiom: 1 << int(NetworkDefinitionCreationFlag.X)
+        network_flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
+    network = builder.create_network(network_flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    if not parser.parse_from_file(str(plan.onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise BackendError(f"TensorRT cannot parse {onnx_path.name}: {errors}; re-export the ONNX (opset 17)")
+        raise BackendError(f"TensorRT cannot parse {plan.onnx_path.name}: {errors}; re-export the ONNX (opset 17)")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
-    if precision in ("fp16", "int8"):
-        config.set_flag(trt.BuilderFlag.FP16)
-    if precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)
+    for name in plan.builder_flags:
+        config.set_flag(getattr(trt.BuilderFlag, name))
     cache = None
     if timing_cache_path is not None:
         blob = timing_cache_path.read_bytes() if timing_cache_path.is_file() else b""
@@ -374,51 +496,67 @@ def build_serialized_engine(trt: Any, onnx_path: Path, precision: str, workspace
         config.set_timing_cache(cache, ignore_mismatch=True)  # a stale cache only costs build time
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise BackendError(f"TensorRT failed to build an engine from {onnx_path.name} ({precision}); see the "
-                           "TensorRT log above -- often too small a workspace_mb for this device")
+        raise BackendError(f"TensorRT failed to build an engine from {plan.onnx_path.name} ({plan.precision}, "
+                           f"{plan.typing}ly typed); see the TensorRT log above -- often too small a workspace_mb "
+                           "for this device")
     if cache is not None and timing_cache_path is not None:
         atomic_write_bytes(timing_cache_path, bytes(memoryview(cache.serialize())))
     return bytes(memoryview(serialized))
 
 
 def ensure_engine(onnx_path: Path, engines_dir: Path, precision: str, workspace_mb: int, timing_cache: bool,
-                  trt: Any, gpu: str) -> EngineResult:
+                  trt: Any, gpu: str, fp16_onnx_path: Optional[Path] = None) -> EngineResult:
     """Return the cached engine for this ONNX/TensorRT/GPU/precision, building it only when the key
-    changed (or the cached file is damaged). The engine and its sidecar are written atomically."""
-    _check_model_file(onnx_path)
-    onnx_sha = sha256_file(onnx_path)
+    changed (or the cached file is damaged). The engine and its sidecar are written atomically.
+
+    `onnx_path` is the model the manifest's precision builds from (FP32 for fp32/fp16, the QDQ
+    model for int8); `fp16_onnx_path`, the FP16 ONNX, is used where TensorRT has no FP16 flag.
+    """
+    plan = plan_build(trt, precision, onnx_path, fp16_onnx_path)
+    _check_model_file(plan.onnx_path)
+    onnx_sha = sha256_file(plan.onnx_path)
     key = engine_key(onnx_sha, str(trt.__version__), gpu, precision)
-    plan = plan_engine(engines_dir, key)
-    if plan.reuse:
-        return EngineResult(key, plan.path, True, sha256_file(plan.path))
+    cached = plan_engine(engines_dir, key)
+    if cached.reuse:
+        return EngineResult(key, cached.path, True, sha256_file(cached.path), build=plan)
     t0 = time.perf_counter()
     cache_path = engines_dir / f"timing-{_slug(str(trt.__version__))}-{_slug(gpu)}.cache" if timing_cache else None
     engines_dir.mkdir(parents=True, exist_ok=True)
-    blob = build_serialized_engine(trt, onnx_path, precision, workspace_mb, cache_path)
-    atomic_write_bytes(plan.path, blob)
+    blob = build_serialized_engine(trt, plan, workspace_mb, cache_path)
+    atomic_write_bytes(cached.path, blob)
     import hashlib
 
     engine_sha = hashlib.sha256(blob).hexdigest()
     # The sidecar is written last: an engine without a matching sidecar is never reused.
     atomic_write_json(engines_dir / f"{key}.json", {
-        "key": key, "onnx_sha256": onnx_sha, "onnx_file": onnx_path.name, "tensorrt": str(trt.__version__),
+        "key": key, "onnx_sha256": onnx_sha, "onnx_file": plan.onnx_path.name, "tensorrt": str(trt.__version__),
         "gpu": gpu, "precision": precision, "workspace_mb": workspace_mb, "engine_sha256": engine_sha,
+        "build": plan.to_json(),
     })
-    return EngineResult(key, plan.path, False, engine_sha, time.perf_counter() - t0)
+    return EngineResult(key, cached.path, False, engine_sha, time.perf_counter() - t0, plan)
+
+
+TENSOR_IO_FIX = ("this TensorRT lacks the name-based I/O tensor API (num_io_tensors, set_tensor_address, "
+                 "execute_async_v3; TensorRT 8.5+); upgrade to JetPack 5.1+ / TensorRT 8.5 or newer, or deploy "
+                 "the release with backend onnxruntime")
 
 
 class TensorRTBackend(Backend):
     """A TensorRT engine built (or reused) on this device, run with page-locked buffers + one stream.
 
-    A dedicated CUDA context is created at load and pushed around every call, so ``infer`` works
-    from whichever thread calls it (the real-time loop infers on its own thread).
+    Works with TensorRT 8.5, 10 and 11: the build follows `plan_build` (feature-detected), and
+    execution uses the name-based I/O tensor API that all three have. A dedicated CUDA context is
+    created at load and pushed around every call, so ``infer`` works from whichever thread calls it
+    (the real-time loop infers on its own thread).
     """
 
     name = "tensorrt"
 
     def __init__(self, onnx_path: "os.PathLike[str] | str", engines_dir: "os.PathLike[str] | str", precision: str,
-                 workspace_mb: int, timing_cache: bool = True) -> None:
+                 workspace_mb: int, timing_cache: bool = True,
+                 fp16_onnx_path: "os.PathLike[str] | str | None" = None) -> None:
         self.onnx_path = Path(onnx_path)
+        self.fp16_onnx_path = Path(fp16_onnx_path) if fp16_onnx_path is not None else None
         self.engines_dir = Path(engines_dir)
         self.precision = precision
         self.workspace_mb = workspace_mb
@@ -439,6 +577,8 @@ class TensorRTBackend(Backend):
         if self._engine is not None:
             return
         trt, cuda = import_tensorrt()
+        if not tensorrt_features(trt).tensor_io:  # before any build: the engine could not be run anyway
+            raise BackendError(f"TensorRT {trt.__version__}: {TENSOR_IO_FIX}")
         self._trt, self._cuda = trt, cuda
         cuda.init()
         device = cuda.Device(0)
@@ -446,7 +586,7 @@ class TensorRTBackend(Backend):
         self._ctx = device.make_context()
         try:
             self.engine_result = ensure_engine(self.onnx_path, self.engines_dir, self.precision, self.workspace_mb,
-                                               self.timing_cache, trt, self._gpu)
+                                               self.timing_cache, trt, self._gpu, self.fp16_onnx_path)
             logger = trt.Logger(trt.Logger.WARNING)
             runtime = trt.Runtime(logger)
             self._engine = runtime.deserialize_cuda_engine(self.engine_result.path.read_bytes())
@@ -498,7 +638,7 @@ class TensorRTBackend(Backend):
         self._ctx.push()
         try:
             _, host_in, dev_in = self._inputs[0]
-            np.copyto(host_in, batch)
+            np.copyto(host_in, batch)  # casts where an engine takes float16 input (a strongly typed FP16 ONNX)
             cuda.memcpy_htod_async(dev_in, host_in, self._stream)
             if not self._context.execute_async_v3(stream_handle=self._stream.handle):
                 raise BackendError("TensorRT execute_async_v3 failed; see the TensorRT log")
@@ -508,10 +648,13 @@ class TensorRTBackend(Backend):
         finally:
             self._ctx.pop()
         outs = [host for _, host, _ in self._outputs]
+        # Postprocessing expects float32; an engine with float16 outputs is converted (that is a copy anyway).
+        if any(o.dtype != np.float32 for o in outs):
+            return [o.astype(np.float32) for o in outs]
         return [o.copy() for o in outs] if copy else outs
 
     def describe(self) -> Dict[str, Any]:
-        """Backend, engine key/path/hash, TensorRT version, GPU, shapes."""
+        """Backend, engine key/path/hash, how it was built, TensorRT version, GPU, shapes."""
         self.load()
         r = self.engine_result
         return {
@@ -523,6 +666,7 @@ class TensorRTBackend(Backend):
             "engine_key": r.key if r else None,
             "engine_sha256": r.sha256 if r else None,
             "engine_reused": r.reused if r else None,
+            "engine_build": r.build.to_json() if r and r.build else None,
             "workspace_mb": self.workspace_mb,
             "input_shape": list(self.input_shape),
             "output_shapes": [list(h.shape) for _, h, _ in self._outputs],
@@ -545,19 +689,21 @@ class TensorRTBackend(Backend):
 
 
 def create_backend(kind: str, model_path: Path, ort_settings: OrtSettings, engines_dir: Optional[Path] = None,
-                   precision: str = "fp32", workspace_mb: int = 0, timing_cache: bool = True) -> Backend:
-    """Construct (not load) the backend the manifest asks for."""
+                   precision: str = "fp32", workspace_mb: int = 0, timing_cache: bool = True,
+                   fp16_onnx_path: Optional[Path] = None) -> Backend:
+    """Construct (not load) the backend the manifest asks for (`fp16_onnx_path`: TensorRT only)."""
     if kind == "onnxruntime":
         return OrtBackend(model_path, ort_settings)
     if kind == "tensorrt":
         if engines_dir is None:
             raise BackendError("the TensorRT backend needs an engines folder; pass --engines <deploy_dir>/engines")
-        return TensorRTBackend(model_path, engines_dir, precision, workspace_mb, timing_cache)
+        return TensorRTBackend(model_path, engines_dir, precision, workspace_mb, timing_cache, fp16_onnx_path)
     raise BackendError(f"backend '{kind}' unknown; use onnxruntime or tensorrt")
 
 
 __all__: Sequence[str] = (
     "Backend", "BackendError", "InputShapeError", "TensorRTUnavailable", "OrtBackend", "TensorRTBackend",
-    "EnginePlan", "EngineResult", "engine_key", "plan_engine", "ensure_engine", "build_serialized_engine",
-    "import_tensorrt", "tensorrt_info", "create_backend", "parse_names",
+    "EnginePlan", "EngineResult", "BuildPlan", "TensorRTFeatures", "engine_key", "plan_engine", "plan_build",
+    "ensure_engine", "build_serialized_engine", "tensorrt_features", "import_tensorrt", "tensorrt_info",
+    "create_backend", "parse_names",
 )

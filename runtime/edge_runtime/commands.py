@@ -126,11 +126,13 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
         onnx_file = v.model_file
     if manifest.tensorrt is None:
         raise ReleaseError("manifest has no tensorrt settings (workspace_mb); redeploy for a TensorRT device group")
+    # TensorRT without BuilderFlag.FP16 (11) builds FP16 from the variant's FP16 ONNX instead (plan_build).
+    fp16_onnx = release_dir / v.fp16_onnx_file if v.fp16_onnx_file else None
     cuda.init()
     ctx = cuda.Device(0).make_context()
     try:
         result = ensure_engine(release_dir / onnx_file, engines, manifest.precision, manifest.tensorrt.workspace_mb,
-                               manifest.tensorrt.timing_cache, trt, gpu_name(cuda.Device(0)))
+                               manifest.tensorrt.timing_cache, trt, gpu_name(cuda.Device(0)), fp16_onnx)
     finally:
         ctx.pop()
     print(json.dumps(result.to_json(), sort_keys=True))
@@ -142,8 +144,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     iterations = args.iterations
     if iterations is None and args.seconds is None and args.soak_minutes is None:
         iterations = 200
+    thermal = ThermalReader(args.thermal_root)
+    # Power rails are read under the same root as the thermal zones (tests point it at a recorded /sys).
+    if not (args.idle_seconds >= 0 and args.power_interval > 0):
+        raise ValueError(f"--idle-seconds {args.idle_seconds} must be >= 0 and --power-interval "
+                         f"{args.power_interval} > 0")
     doc = bench_mod.benchmark_release(args.release, args.engines, args.variant, args.warmup, iterations, args.seconds,
-                                      args.soak_minutes, ThermalReader(args.thermal_root), args.sample_interval)
+                                      args.soak_minutes, thermal, args.sample_interval,
+                                      power=bench_mod.PowerReader(args.thermal_root, thermal.runner),
+                                      idle_s=args.idle_seconds, power_interval_s=args.power_interval)
     atomic_write_json(args.out, doc)
     print(bench_mod.summary_line(doc))
     return EXIT_OK

@@ -116,8 +116,10 @@ def load_detector(release_dir: Path, manifest: Manifest, variant: Variant,
     """Create and load the manifest's backend for `variant`; check the model matches the manifest."""
     model = release_dir / backend_model_file(manifest, variant)
     trt = manifest.tensorrt
+    # TensorRT 11 builds fp16 engines from the FP16 ONNX (no FP16 builder flag there); 8.5/10 ignore it.
+    fp16 = release_dir / variant.fp16_onnx_file if variant.fp16_onnx_file else None
     backend = create_backend(manifest.backend, model, manifest.ort, engines_dir, manifest.precision,
-                             trt.workspace_mb if trt else 0, trt.timing_cache if trt else True)
+                             trt.workspace_mb if trt else 0, trt.timing_cache if trt else True, fp16)
     backend.load()
     spec = spec_from_metadata(backend.metadata, manifest.output_format, len(manifest.class_names), variant.imgsz)
     shape = backend.input_shape

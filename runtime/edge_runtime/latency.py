@@ -9,8 +9,14 @@ One JSON document per run (the fleet collects it into MLflow):
 - ``thermal``: CPU temperature at start / end / max, sampled on a background thread during the
   run, plus throttling state (Pi `get_throttled` flags, cpufreq cur/max ratio, Jetson nvpmodel)
   at start and end;
-- ``soak`` (with --soak-minutes): per-window p50/p95/FPS/max temperature and the drift of the
-  last window's p50 against the first, which is where thermal throttling shows;
+- ``power`` (`power.py`): where the device has sensors (Jetson INA3221 rails, Pi 5
+  ``vcgencmd pmic_read_adc``), sampled on a background thread: idle W over a short rest before the
+  warm-up, mean/min/max W during the window, mJ per inference (total and above idle), per rail;
+  without sensors ``{"available": false, "reason": ...}``, never zeros;
+- ``cpu``: this process's CPU time over the window's wall time, as % of one core and of all cores;
+- ``soak`` (with --soak-minutes): per-window p50/p95/FPS/max temperature (and mean W, mJ per
+  inference, CPU %) and the drift of the last window's p50 against the first, which is where
+  thermal throttling shows;
 - ``device``: the device description (`sysinfo.describe_device`).
 """
 
@@ -27,11 +33,22 @@ import numpy as np
 
 from .detector import Detector, ReleaseError, default_engines_dir, load_detector, resolve_release, select_variant
 from .manifest import load_manifest
+from .power import (
+    NO_SENSOR_REASON,
+    PowerReader,
+    PowerSampler,
+    cpu_summary,
+    energy_mj,
+    power_summary,
+    process_cpu_seconds,
+)
 from .sysinfo import describe_device
 from .thermal import ThermalReader, ThermalSampler
 
 SCHEMA = 1
 SOAK_WINDOWS = 10  # a soak is reported as this many equal time windows
+IDLE_SECONDS = 2.0  # rest before the warm-up for the idle power figure (only where there are sensors)
+POWER_INTERVAL_S = 0.1  # power sampling period (10 Hz)
 
 
 class BenchError(ValueError):
@@ -67,7 +84,12 @@ def bench_image(release_dir: Path, sample: Optional[str], seed: int = 0) -> Tupl
     return image, "synthetic:640x480"
 
 
-def _validate(warmup: int, iterations: Optional[int], seconds: Optional[float], soak_minutes: Optional[float]) -> None:
+def _validate(warmup: int, iterations: Optional[int], seconds: Optional[float], soak_minutes: Optional[float],
+              idle_s: float = IDLE_SECONDS, power_interval_s: float = POWER_INTERVAL_S) -> None:
+    if idle_s < 0:
+        raise BenchError(f"--idle-seconds {idle_s} must be >= 0")
+    if power_interval_s <= 0:
+        raise BenchError(f"--power-interval {power_interval_s} must be > 0")
     if warmup < 0:
         raise BenchError(f"--warmup {warmup} must be >= 0")
     given = [n for n, v in (("--iterations", iterations), ("--seconds", seconds), ("--soak-minutes", soak_minutes))
@@ -86,15 +108,39 @@ def _validate(warmup: int, iterations: Optional[int], seconds: Optional[float], 
 def run_benchmark(detector: Detector, image: np.ndarray, warmup: int, iterations: Optional[int] = None,
                   seconds: Optional[float] = None, soak_minutes: Optional[float] = None,
                   thermal: Optional[ThermalReader] = None, sample_interval_s: float = 1.0,
-                  clock: Callable[[], float] = time.perf_counter) -> Dict[str, Any]:
-    """Benchmark `detector` on `image`; returns the measurement part of the document."""
-    _validate(warmup, iterations, seconds, soak_minutes)
+                  clock: Callable[[], float] = time.perf_counter, power: Optional[PowerReader] = None,
+                  idle_s: float = IDLE_SECONDS, power_interval_s: float = POWER_INTERVAL_S) -> Dict[str, Any]:
+    """Benchmark `detector` on `image`; returns the measurement part of the document.
+
+    Power (`power`, default: the sensors under the thermal reader's root) is sampled every
+    `power_interval_s` on a background thread: for `idle_s` at rest before the warm-up (skipped
+    where there are no sensors), then through the window. CPU % is the process's CPU time over
+    the window's wall time."""
+    _validate(warmup, iterations, seconds, soak_minutes, idle_s, power_interval_s)
     thermal = thermal or ThermalReader()
-    for _ in range(warmup):
-        detector.detect(image)
+    power = power if power is not None else PowerReader(thermal.root, thermal.runner)
+    duration = soak_minutes * 60.0 if soak_minutes is not None else seconds
+    watts = PowerSampler(power, power_interval_s)
+    if watts.reader is not None or soak_minutes is not None:  # the thread is only needed for these
+        watts.start()
+    idle_used = 0.0
+    try:
+        if watts.reader is not None and idle_s > 0:
+            watts.begin("idle")
+            time.sleep(idle_s)
+            idle_used = idle_s
+        watts.begin(None)
+        for _ in range(warmup):
+            detector.detect(image)
+    except BaseException:
+        watts.stop()
+        raise
     snap_start = thermal.snapshot()
     sampler = ThermalSampler(thermal.cpu_temperature, sample_interval_s).start()
-    duration = soak_minutes * 60.0 if soak_minutes is not None else seconds
+    if soak_minutes is not None and duration:
+        watts.bins(time.monotonic(), duration / SOAK_WINDOWS, SOAK_WINDOWS)
+    watts.begin("window")
+    cpu_start = process_cpu_seconds()
     stamps: List[float] = []
     totals: List[float] = []
     stages: Dict[str, List[float]] = {"preprocess": [], "infer": [], "postprocess": []}
@@ -117,11 +163,14 @@ def run_benchmark(detector: Detector, image: np.ndarray, warmup: int, iterations
                 break
     finally:
         wall = clock() - t_start
+        cpu_s = process_cpu_seconds() - cpu_start
+        watts.stop()
         sampler.stop()
     mono_end = time.monotonic()
     snap_end = thermal.snapshot()
     doc: Dict[str, Any] = {
-        "config": {"warmup": warmup, "iterations": iterations, "seconds": seconds, "soak_minutes": soak_minutes},
+        "config": {"warmup": warmup, "iterations": iterations, "seconds": seconds, "soak_minutes": soak_minutes,
+                   "idle_seconds": idle_s, "power_interval_s": power_interval_s},
         "iterations": len(totals),
         "duration_s": round(wall, 3),
         "fps": round(len(totals) / wall, 2) if wall > 0 else None,
@@ -131,16 +180,22 @@ def run_benchmark(detector: Detector, image: np.ndarray, warmup: int, iterations
         "peak_rss_mb": peak_rss_mb(),
         "thermal": {**sampler.summary(), "sample_interval_s": sample_interval_s,
                     "start": snap_start.to_json(), "end": snap_end.to_json()},
+        "power": power_summary(power, watts, wall, len(totals), idle_used),
+        "cpu": cpu_summary(cpu_s, wall),
         "soak": None,
     }
     if soak_minutes is not None:
-        doc["soak"] = soak_windows(stamps, totals, wall, sampler, mono_start, mono_end)
+        doc["soak"] = soak_windows(stamps, totals, wall, sampler, mono_start, mono_end, power_bins=watts.bin_stats())
     return doc
 
 
 def soak_windows(stamps: List[float], totals: List[float], wall: float, sampler: ThermalSampler,
-                 mono_start: float, mono_end: float, windows: int = SOAK_WINDOWS) -> Dict[str, Any]:
-    """Split a soak into equal time windows; report each window and the p50 drift first -> last."""
+                 mono_start: float, mono_end: float, windows: int = SOAK_WINDOWS,
+                 power_bins: Optional[List[Dict[str, Optional[float]]]] = None) -> Dict[str, Any]:
+    """Split a soak into equal time windows; report each window and the p50 drift first -> last.
+
+    `power_bins` (one per window, from `PowerSampler.bins`, cut at the planned window width) adds
+    each window's mean W, mJ per inference and the process's CPU %."""
     width = wall / windows if wall > 0 else 0.0
     t = np.asarray(stamps)
     lat = np.asarray(totals)
@@ -151,10 +206,15 @@ def soak_windows(stamps: List[float], totals: List[float], wall: float, sampler:
         mask = (t >= lo) & ((t < hi) if w < windows - 1 else (t <= hi + 1e-9))
         temps = sampler.between(mono_start + lo * mono_scale, mono_start + hi * mono_scale)
         pct = percentiles(lat[mask].tolist())
+        pb = power_bins[w] if power_bins and w < len(power_bins) else {}
+        mean_w = pb.get("mean_w")
+        mj = energy_mj(mean_w, width, int(mask.sum()))
         rows.append({"t_start_s": round(lo, 2), "t_end_s": round(hi, 2), "iterations": int(mask.sum()),
                      "p50_ms": pct["p50"], "p95_ms": pct["p95"],
                      "fps": round(int(mask.sum()) / width, 2) if width > 0 else None,
-                     "temp_max_c": max(temps) if temps else None})
+                     "temp_max_c": max(temps) if temps else None,
+                     "power_mean_w": mean_w, "energy_mj_per_inference": None if mj is None else round(mj, 3),
+                     "cpu_percent": pb.get("cpu_percent")})
     first = next((r["p50_ms"] for r in rows if r["p50_ms"] is not None), None)
     last = next((r["p50_ms"] for r in reversed(rows) if r["p50_ms"] is not None), None)
     drift = round((last / first - 1.0) * 100.0, 2) if first and last else None
@@ -164,9 +224,10 @@ def soak_windows(stamps: List[float], totals: List[float], wall: float, sampler:
 def benchmark_release(release: "Path | str", engines: Optional["Path | str"] = None, variant: Optional[str] = None,
                       warmup: int = 10, iterations: Optional[int] = None, seconds: Optional[float] = None,
                       soak_minutes: Optional[float] = None, thermal: Optional[ThermalReader] = None,
-                      sample_interval_s: float = 1.0) -> Dict[str, Any]:
+                      sample_interval_s: float = 1.0, power: Optional[PowerReader] = None,
+                      idle_s: float = IDLE_SECONDS, power_interval_s: float = POWER_INTERVAL_S) -> Dict[str, Any]:
     """The whole `bench` command: load the release's variant, benchmark it, describe the device."""
-    _validate(warmup, iterations, seconds, soak_minutes)
+    _validate(warmup, iterations, seconds, soak_minutes, idle_s, power_interval_s)
     release_dir = resolve_release(release)
     manifest = load_manifest(release_dir)
     v = select_variant(manifest, variant)
@@ -175,7 +236,7 @@ def benchmark_release(release: "Path | str", engines: Optional["Path | str"] = N
     try:
         image, image_source = bench_image(release_dir, manifest.health_sample())
         measured = run_benchmark(detector, image, warmup, iterations, seconds, soak_minutes, thermal,
-                                 sample_interval_s)
+                                 sample_interval_s, power=power, idle_s=idle_s, power_interval_s=power_interval_s)
         backend = detector.describe()
     finally:
         detector.backend.close()
@@ -198,12 +259,22 @@ def benchmark_release(release: "Path | str", engines: Optional["Path | str"] = N
 
 
 def summary_line(doc: Dict[str, Any]) -> str:
-    """One line for humans and logs: variant, backend, p50/p95, FPS, temperatures."""
+    """One line for humans and logs: variant, backend, p50/p95, FPS, temperatures, power, CPU %."""
     lat, th = doc["latency_ms"], doc["thermal"]
     temps = "n/a" if th["max_c"] is None else f"{th['start_c']:.1f}->{th['end_c']:.1f} (max {th['max_c']:.1f}) C"
     drift = ""
     if doc.get("soak"):
         drift = f", soak p50 drift {doc['soak']['p50_drift_pct']}%"
+    pw = doc.get("power") or {}
+    if not pw:
+        watts = ""
+    elif pw.get("available"):
+        idle = "" if pw.get("idle_w") is None else f" (idle {pw['idle_w']:.2f} W)"
+        watts = f", power {pw['mean_w']:.2f} W{idle}, {pw['energy_mj_per_inference']} mJ/inference"
+    else:
+        watts = ", power n/a (" + ("no sensors" if pw.get("reason") == NO_SENSOR_REASON else "no readings") + ")"
+    cpu = doc.get("cpu") or {}
+    load = "" if cpu.get("percent_of_one_core") is None else f", process CPU {cpu['percent_of_one_core']}% of one core"
     return (f"bench {doc['release']} {doc['variant']} {doc['backend']}/{doc['precision']}: "
             f"p50 {lat['p50']} ms, p95 {lat['p95']} ms, p99 {lat['p99']} ms, {doc['fps']} FPS over "
-            f"{doc['iterations']} frames, peak RSS {doc['peak_rss_mb']} MB, CPU {temps}{drift}")
+            f"{doc['iterations']} frames, peak RSS {doc['peak_rss_mb']} MB, CPU {temps}{watts}{load}{drift}")

@@ -36,7 +36,7 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 BACKENDS = ("onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
-ROLES = ("model", "trt_onnx", "health_sample", "other")
+ROLES = ("model", "trt_onnx", "health_sample", "other", "fp16_onnx")
 # The same tuples as postprocess.OUTPUT_FORMATS and backends.GRAPH_OPTIMIZATION_LEVELS (tests hold
 # them equal): this module stays stdlib only, so it cannot import those numpy-importing modules.
 OUTPUT_FORMATS = ("yolov8-raw", "yolov8-predfl", "yolov8-predfl-logits")
@@ -65,7 +65,7 @@ class FileEntry:
 
     sha256: str
     size: int
-    role: str  # model | trt_onnx | health_sample | other
+    role: str  # model | trt_onnx | health_sample | other | fp16_onnx
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,10 @@ class Variant:
     imgsz: int
     model_file: str  # what ORT loads / what TensorRT builds from
     trt_onnx_file: Optional[str] = None  # symmetric-QDQ ONNX for TensorRT INT8 (explicit quantization)
+    # FP16 ONNX (float16 weights and activations, float32 input/output) for TensorRT FP16 where the
+    # builder has no FP16 flag (TensorRT 11: strongly typed networks). TensorRT 8.5/10 build FP16 from
+    # model_file with the flag. Optional: absent from the JSON when None (older releases, other backends).
+    fp16_onnx_file: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -199,9 +203,9 @@ def _check_variants(m: "Manifest") -> None:
         _integer(f"{key}.imgsz", v.imgsz, lo, hi)
         if v.imgsz % 32:
             raise _bad(f"{key}.imgsz", f"is {v.imgsz}, not a multiple of 32 (the largest YOLOv8 stride)")
-        for attr, role in (("model_file", "model"), ("trt_onnx_file", "trt_onnx")):
+        for attr, role in (("model_file", "model"), ("trt_onnx_file", "trt_onnx"), ("fp16_onnx_file", "fp16_onnx")):
             name = getattr(v, attr)
-            if name is None and attr == "trt_onnx_file":
+            if name is None and attr != "model_file":
                 continue
             problem = name_problem(name)
             if problem is not None:
@@ -302,8 +306,13 @@ class Manifest:
                 raise _bad(f"source[{k!r}]", f"is {_show(v)}: source holds strings only (lineage tags)")
 
     def to_json(self) -> Dict[str, Any]:
-        """The manifest as a JSON-able dict."""
-        return asdict(self)
+        """The manifest as a JSON-able dict (a variant's fp16_onnx_file only where it has one, so a
+        release without it has the same JSON, and sha12, as before the field existed)."""
+        doc = asdict(self)
+        for v in doc["variants"]:
+            if v.get("fp16_onnx_file") is None:
+                v.pop("fp16_onnx_file", None)
+        return doc
 
     def health_sample(self) -> Optional[str]:
         """The bundled sample image `health` runs on, if the release has one."""
@@ -411,10 +420,11 @@ class _Reader:
         return tuple(self.text(v, f"{key}[{i}]") for i, v in enumerate(self.array(value, key)))
 
     def variant(self, value: Any, key: str) -> Variant:
-        d = self.obj(value, key, ("name", "imgsz", "model_file"), ("trt_onnx_file",))
+        d = self.obj(value, key, ("name", "imgsz", "model_file"), ("trt_onnx_file", "fp16_onnx_file"))
         return Variant(self.text(d["name"], f"{key}.name"), self.integer(d["imgsz"], f"{key}.imgsz"),
                        self.text(d["model_file"], f"{key}.model_file"),
-                       self.opt_text(d.get("trt_onnx_file"), f"{key}.trt_onnx_file"))
+                       self.opt_text(d.get("trt_onnx_file"), f"{key}.trt_onnx_file"),
+                       self.opt_text(d.get("fp16_onnx_file"), f"{key}.fp16_onnx_file"))
 
     def file_entry(self, value: Any, key: str) -> FileEntry:
         d = self.obj(value, key, ("sha256", "size", "role"))

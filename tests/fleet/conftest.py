@@ -281,6 +281,8 @@ def fleet_models(tiny_model: dict[str, Path], tmp_path_factory: pytest.TempPathF
 
     models = tmp_path_factory.mktemp("models")
     shutil.copyfile(tiny_model["onnx"], models / "yolov8n.onnx")
+    # The export stage's FP16 copy (written beside its --out): TensorRT fp16 hosts ship it too.
+    shutil.copyfile(tiny_model["onnx"].with_name("yolov8n.fp16.onnx"), models / "yolov8n.fp16.onnx")
     make_variant(tiny_model["onnx"], models / "alt.onnx", "alt")
     make_broken_model(tiny_model["onnx"], models / "broken.onnx")
     make_shifted(tiny_model["onnx"], models / "shifted.onnx")  # healthy, but disagrees in shadow

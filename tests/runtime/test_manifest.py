@@ -308,6 +308,9 @@ def test_unreadable_manifest(tmp_path: Path) -> None:
     ({"files": {"m.onnx": FileEntry("0" * 64, 1, "model"), "a.jpg": FileEntry("0" * 64, 1, "health_sample"),
                 "b.jpg": FileEntry("0" * 64, 1, "health_sample")}}, "files has 2 files with role health_sample"),
     ({"variants": (Variant("a", 256, "m.onnx", "m.onnx"),)}, "variants[0].trt_onnx_file is 'm.onnx', whose files"),
+    ({"variants": (Variant("a", 256, "m.onnx", None, "m.onnx"),)},
+     "variants[0].fp16_onnx_file is 'm.onnx', whose files entry has role 'model', not 'fp16_onnx'"),
+    ({"variants": (Variant("a", 256, "m.onnx", None, "h.onnx"),)}, "variants[0].fp16_onnx_file is 'h.onnx': variant"),
 ])
 def test_cross_references(tmp_path: Path, overrides: dict, message: str) -> None:
     with pytest.raises(ManifestError, match=re.escape(message)):
