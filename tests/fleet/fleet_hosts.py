@@ -17,6 +17,14 @@ from typing import Any
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
+# The settings and defaults of an inventory document that nothing has to serve (parsing tests).
+INVENTORY_SETTINGS: dict[str, Any] = {"concurrency": 4, "known_hosts": "~/.ssh/known_hosts"}
+INVENTORY_DEFAULTS: dict[str, Any] = {
+    "port": 22, "user": "pi", "key": "~/.ssh/id_ed25519", "agent": False, "accept_new_host_key": False,
+    "arch": "aarch64", "python": "/usr/bin/python3", "ort_threads": 4, "thermal_throttle_c": 80,
+    "thermal_resume_c": 70, "bench_warmup": 1, "bench_iterations": 5, "conf": 0.25, "iou": 0.45, "max_det": 100,
+    "deploy_dir": "/home/pi/edge"}
+
 def service(port: int, **overrides: Any) -> dict[str, Any]:
     """A host's `service:` section: synthetic camera, slow enough for a 2-core CI box."""
     doc = {"enabled": True, "supervisor": "auto", "source": "synthetic:320x240", "fps": 5.0, "http_port": port,

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fleet_hosts import INVENTORY_DEFAULTS, INVENTORY_SETTINGS
 
 from edge_runtime.manifest import manifest_from_json
 from pipeline.fleet.artifacts import (
@@ -26,11 +27,8 @@ from pipeline.fleet.inventory import parse_inventory
 REPO = Path(__file__).resolve().parents[2]
 
 INVENTORY: dict[str, Any] = {
-    "settings": {"concurrency": 4, "known_hosts": "~/.ssh/known_hosts"},
-    "defaults": {"port": 22, "user": "pi", "key": "~/.ssh/id_ed25519", "agent": False, "accept_new_host_key": False,
-                 "arch": "aarch64", "python": "/usr/bin/python3", "ort_threads": 4, "thermal_throttle_c": 80,
-                 "thermal_resume_c": 70, "bench_warmup": 1, "bench_iterations": 5, "conf": 0.25, "iou": 0.45,
-                 "max_det": 100, "deploy_dir": "/home/pi/edge"},
+    "settings": dict(INVENTORY_SETTINGS),
+    "defaults": dict(INVENTORY_DEFAULTS),
     "groups": {
         "pis": {"defaults": {"kind": "pi", "runtime": "onnxruntime", "precision": "fp32"},
                 "hosts": {"pi-fp32": {"address": "10.0.0.1"}, "pi-int8": {"address": "10.0.0.2", "precision": "int8"}}},

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+from fleet_hosts import INVENTORY_DEFAULTS, INVENTORY_SETTINGS
 
 from pipeline.fleet.artifacts import ArtifactError, Sources, build_release, runtime_bundle, select_model_files
 from pipeline.fleet.inventory import Host, InventoryError, _HostFields, load_inventory, parse_inventory
@@ -18,11 +19,8 @@ from pipeline.fleet.remote import device_command
 REPO = Path(__file__).resolve().parents[2]
 
 BASE: dict[str, Any] = {
-    "settings": {"concurrency": 4, "known_hosts": "~/.ssh/known_hosts"},
-    "defaults": {"port": 22, "user": "pi", "key": "~/.ssh/id_ed25519", "agent": False, "accept_new_host_key": False,
-                 "arch": "aarch64", "python": "/usr/bin/python3", "ort_threads": 4, "thermal_throttle_c": 80,
-                 "thermal_resume_c": 70, "bench_warmup": 1, "bench_iterations": 5, "conf": 0.25, "iou": 0.45,
-                 "max_det": 100, "deploy_dir": "/home/pi/edge"},
+    "settings": dict(INVENTORY_SETTINGS),
+    "defaults": dict(INVENTORY_DEFAULTS),
     "groups": {
         "pis": {"defaults": {"kind": "pi", "runtime": "onnxruntime", "precision": "int8"},
                 "hosts": {"pi1": {"address": "10.0.0.1"}, "pi2": {"address": "10.0.0.2", "precision": "fp32"}}},

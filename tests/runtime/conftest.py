@@ -30,3 +30,12 @@ def deploy(tiny_model: Dict[str, Path], tmp_path_factory: pytest.TempPathFactory
                      sample, thermal=ThermalSettings(80.0, 70.0), postprocess=PostprocessSettings(0.001, 0.45, 20))
     os.symlink("releases/r1", root / "current")
     return root
+
+
+@pytest.fixture
+def release(tiny_model: Dict[str, Path], tmp_path: Path) -> Path:
+    """One release (one 64 px variant, thermal settings) under tmp_path/deploy/releases/r1."""
+    sample = Path(sorted(glob.glob(str(tiny_model["dataset"] / "images" / "val" / "*")))[0])
+    out = tmp_path / "deploy" / "releases" / "r1"
+    assemble_release(out, [VariantFiles("64", 64, tiny_model["onnx"])], sample, thermal=ThermalSettings(80.0, 70.0))
+    return out

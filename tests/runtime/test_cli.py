@@ -12,15 +12,9 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
-from support import shipped_runtime
 
 from edge_runtime.manifest import ThermalSettings
 from edge_runtime.release import VariantFiles, assemble_release
-
-
-@pytest.fixture(scope="module")
-def runtime(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return shipped_runtime(tmp_path_factory.mktemp("runtime"))
 
 
 @pytest.fixture

@@ -4,16 +4,12 @@ Temperatures come from a fake /sys tree in tmp (this machine may have no thermal
 
 from __future__ import annotations
 
-import glob
 import json
 from pathlib import Path
-from typing import Dict
 
 import pytest
 
 from edge_runtime.latency import BenchError, benchmark_release, percentiles, summary_line
-from edge_runtime.manifest import ThermalSettings
-from edge_runtime.release import VariantFiles, assemble_release
 from edge_runtime.thermal import ThermalReader
 
 
@@ -23,14 +19,6 @@ def fake_sys(root: Path, celsius: float) -> ThermalReader:
     (zone / "type").write_text("cpu-thermal\n")
     (zone / "temp").write_text(f"{int(celsius * 1000)}\n")
     return ThermalReader(root, runner=lambda argv: None)
-
-
-@pytest.fixture
-def release(tiny_model: Dict[str, Path], tmp_path: Path) -> Path:
-    sample = Path(sorted(glob.glob(str(tiny_model["dataset"] / "images" / "val" / "*")))[0])
-    out = tmp_path / "deploy" / "releases" / "r1"
-    assemble_release(out, [VariantFiles("64", 64, tiny_model["onnx"])], sample, thermal=ThermalSettings(80.0, 70.0))
-    return out
 
 
 def test_percentiles() -> None:

@@ -42,11 +42,9 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pytest
-from support import shipped_runtime
 
 from edge_runtime.detector import StageTimes
 from edge_runtime.latency import BenchError, run_benchmark, summary_line
-from edge_runtime.manifest import ThermalSettings
 from edge_runtime.power import (
     NO_SENSOR_REASON,
     PowerReader,
@@ -56,7 +54,6 @@ from edge_runtime.power import (
     parse_pmic_read_adc,
     power_summary,
 )
-from edge_runtime.release import VariantFiles, assemble_release
 from edge_runtime.thermal import ThermalReader, is_raspberry_pi
 from pipeline.fleet.mlflow_log import _metrics as mlflow_metrics
 from pipeline.fleet.results import HostResult, bench_metrics
@@ -376,19 +373,6 @@ def test_bench_metrics_and_report_rows_carry_power_or_dash() -> None:
 
 
 # ------------------------------------------------------------- `python -m edge_runtime bench` for real
-
-@pytest.fixture(scope="module")
-def runtime(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return shipped_runtime(tmp_path_factory.mktemp("runtime"))
-
-
-@pytest.fixture
-def release(tiny_model: Dict[str, Path], tmp_path: Path) -> Path:
-    sample = Path(sorted(glob.glob(str(tiny_model["dataset"] / "images" / "val" / "*")))[0])
-    out = tmp_path / "deploy" / "releases" / "r1"
-    assemble_release(out, [VariantFiles("64", 64, tiny_model["onnx"])], sample, thermal=ThermalSettings(80.0, 70.0))
-    return out
-
 
 def bench_cli(runtime: Path, release: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "edge_runtime", "bench", "--release", str(release), "--out", str(out),
