@@ -513,12 +513,14 @@ def deploy(inventory: Inventory, group: str | None = None, host: str | None = No
     Without it every host is deployed at once, as before.
     """
     start = time.perf_counter()
-    hosts, sources = _prepare(inventory, group, host, model, sources)
+    # Option values first (they need no file), then hosts and model files: all before any host.
     if shadow is not None and (shadow.frames or shadow.minutes) and not (rollout and rollout.canary):
         raise ValueError("--frames/--minutes set the canaries' shadow window: give --canary N too (or use "
                          "`fab shadow` to shadow without switching)")
     if rollout is not None:
         rollout.check()
+    hosts, sources = _prepare(inventory, group, host, model, sources)
+    if rollout is not None:
         if rollout.canary and not dry_run:
             _check_shadow_hosts(hosts[:rollout.canary], "a canary")
     results_dir = results_dir or paths.repo_root() / "reports" / "fleet"
