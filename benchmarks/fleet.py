@@ -67,7 +67,6 @@ import atexit
 import ctypes
 import importlib.util
 import json
-import math
 import os
 import shutil
 import signal
@@ -92,20 +91,6 @@ DEVICE_PORT = 2222  # each device has its own address; not 22, whose known_hosts
 CPU_RESERVED = 0.5  # CPUs no device quota may take: the deploy tool's share
 CFS_PERIOD_US = 100_000
 CFS_MIN_QUOTA_US = 1_000  # the kernel refuses smaller quotas
-CFS_MIN_PERIOD_US = 5_000  # shorter periods only add scheduler overhead
-
-
-def cfs_period_and_quota(cpus: float) -> tuple[int, int]:
-    """(period, quota) in microseconds for a CFS limit of `cpus`.
-
-    The period is as short as the kernel's 1 ms minimum quota allows (at most 100 ms): a task that
-    used up its quota sleeps until the next period, and an SSH handshake or a `python -c` start is
-    a chain of short wake-ups, each of which can wait that long. With the default 100 ms period a
-    0.047-CPU device waited up to 95 ms per wake-up; at ~21 ms it waits at most ~20 ms, for the
-    same share of the CPU.
-    """
-    period = min(CFS_PERIOD_US, max(CFS_MIN_PERIOD_US, math.ceil(CFS_MIN_QUOTA_US / cpus)))
-    return period, max(CFS_MIN_QUOTA_US, round(cpus * period))
 STEPS = ("connect", "probe", "push", "verify", "health", "switch", "bench", "activate", "fetch")
 DEVICE_STEPS = ("verify", "engine", "health", "switch", "bench")  # timed by the device itself
 
@@ -386,12 +371,12 @@ class CpuQuota:
         else:
             (group / "cpu.weight").write_text(str(min(10_000, 100 * weight)))  # 100: one ordinary process
         if cpus is not None:
-            period, quota = cfs_period_and_quota(cpus)
+            quota = max(CFS_MIN_QUOTA_US, round(cpus * CFS_PERIOD_US))
             if self.version == 1:
-                (group / "cpu.cfs_period_us").write_text(str(period))
+                (group / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
                 (group / "cpu.cfs_quota_us").write_text(str(quota))
             else:
-                (group / "cpu.max").write_text(f"{quota} {period}")
+                (group / "cpu.max").write_text(f"{quota} {CFS_PERIOD_US}")
 
     def add(self, device: str, cpus: float) -> Path:
         """A cgroup for `device` limited to `cpus`; returns its cgroup.procs (write a pid to move it in)."""
