@@ -6,11 +6,13 @@ conftest.py.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -91,3 +93,18 @@ def make_variant(src: Path, dest: Path, tag: str) -> Path:
     entry.key, entry.value = "fleet_test_variant", tag
     dest.write_bytes(model.SerializeToString())
     return dest
+
+
+def link(deploy_dir: Path, name: str) -> str | None:
+    """The release a device's `current` / `previous` symlink points at (None when absent)."""
+    p = deploy_dir / name
+    return os.path.basename(os.readlink(p)) if p.is_symlink() else None
+
+
+def device_health(deploy_dir: Path) -> dict[str, Any]:
+    """The device's own health check of whatever `current` points at (every sha256 + an inference)."""
+    release = deploy_dir / "current"
+    runtime = json.loads((release / "manifest.json").read_text())["source"]["runtime"]
+    p = subprocess.run([sys.executable, "-m", "edge_runtime", "health", "--release", str(release)],
+                       cwd=deploy_dir / "runtime" / runtime, capture_output=True, text=True, timeout=120)
+    return {"exit": p.returncode, **json.loads(p.stdout)}

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fleet_hosts import device_health, link
 from support import free_port
 
 from edge_runtime.supervisor import stop_supervisor
@@ -21,9 +22,6 @@ pytestmark = pytest.mark.slow  # every test deploys the tiny YOLOv8n (built once
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _link(deploy_dir: Path, name: str) -> str | None:
-    p = deploy_dir / name
-    return os.path.basename(os.readlink(p)) if p.is_symlink() else None
 
 
 def _by_host(run: runner.FleetRun) -> dict[str, Any]:
@@ -37,13 +35,6 @@ def _deploy(inv: Path, fleet_models: dict[str, Any], tmp_path: Path, **kw: Any) 
     return run
 
 
-def _health(host_deploy: Path) -> dict[str, Any]:
-    """Run the device's own health check on whatever `current` points at."""
-    release = host_deploy / "current"
-    runtime = json.loads((release / "manifest.json").read_text())["source"]["runtime"]
-    p = subprocess.run([sys.executable, "-m", "edge_runtime", "health", "--release", str(release)],
-                       cwd=host_deploy / "runtime" / runtime, capture_output=True, text=True)
-    return {"exit": p.returncode, **json.loads(p.stdout)}
 
 
 @pytest.mark.ssh
@@ -65,8 +56,8 @@ def test_first_deploy_redeploy_down_host_jetson_and_mlflow(sshd_fleet: Any, flee
     assert res["pi1"].outcome == res["pi2"].outcome == "deployed"
     assert res["pi1"].model_bytes_sent == (fleet_models["dir"] / "yolov8n.onnx").stat().st_size
     for h in (pi1, pi2):
-        assert _link(h.deploy_dir, "current") == res[h.name].release and _link(h.deploy_dir, "previous") is None
-        assert _health(h.deploy_dir)["ok"]
+        assert link(h.deploy_dir, "current") == res[h.name].release and link(h.deploy_dir, "previous") is None
+        assert device_health(h.deploy_dir)["ok"]
         assert Path(res[h.name].bench_path).is_file() and res[h.name].bench["fps"] > 0
     # A host that is down fails alone, with a message that says what to check.
     assert not res["pi-down"].ok and res["pi-down"].failed_step == "connect"
@@ -106,13 +97,13 @@ def test_first_deploy_redeploy_down_host_jetson_and_mlflow(sshd_fleet: Any, flee
     # A new model: only the new model file moves; the old release becomes `previous`.
     new = _by_host(_deploy(inv, fleet_models, tmp_path, group="pis", host="pi1", model="alt"))["pi1"]
     assert new.outcome == "deployed" and new.previous == res["pi1"].release
-    assert _link(pi1.deploy_dir, "previous") == res["pi1"].release
+    assert link(pi1.deploy_dir, "previous") == res["pi1"].release
     assert not any("runtime/" in f for f in new.files_sent)  # same runtime code: reused
 
     # Jetson: the TensorRT step runs on the device and fails clearly here (no TensorRT); current untouched.
     j = _by_host(_deploy(inv, fleet_models, tmp_path, group="jetsons"))["jetson1"]
     assert j.failed_step == "engine" and "TensorRT not available" in j.error
-    assert _link(jet.deploy_dir, "current") is None
+    assert link(jet.deploy_dir, "current") is None
     assert (jet.deploy_dir / "releases" / j.release / "manifest.json").is_file()
 
 
@@ -127,14 +118,14 @@ def test_failing_health_check_keeps_previous_and_rollback(sshd_fleet: Any, fleet
 
     bad = _by_host(_deploy(inv, fleet_models, tmp_path, group="pis", model="broken", bench=False))["pi1"]
     assert not bad.ok and bad.failed_step == "health" and "current release left unchanged" in bad.error
-    assert _link(pi.deploy_dir, "current") == second.release
-    assert _link(pi.deploy_dir, "previous") == first.release
+    assert link(pi.deploy_dir, "current") == second.release
+    assert link(pi.deploy_dir, "previous") == first.release
 
     rb = _by_host(runner.rollback(load_inventory(inv), group="pis"))["pi1"]
     assert rb.outcome == "rolled-back" and rb.release == first.release
-    assert _link(pi.deploy_dir, "current") == first.release
-    assert _link(pi.deploy_dir, "previous") == second.release
-    assert _health(pi.deploy_dir)["ok"]
+    assert link(pi.deploy_dir, "current") == first.release
+    assert link(pi.deploy_dir, "previous") == second.release
+    assert device_health(pi.deploy_dir)["ok"]
 
     st = _by_host(runner.status(load_inventory(inv), group="pis"))["pi1"]
     assert st.release == first.release and st.previous == second.release
@@ -171,13 +162,13 @@ def test_deploy_killed_mid_transfer(sshd_fleet: Any, fleet_models: dict[str, Any
     assert p.returncode == -9, p.stderr
     partial = [d for d in (pi.deploy_dir / "releases").iterdir() if d.name.endswith(".partial")]
     assert partial, "the kill should have left a staged, unpublished release"
-    assert _link(pi.deploy_dir, "current") == first.release
-    assert _health(pi.deploy_dir)["ok"]  # the device still runs the previous release, intact
+    assert link(pi.deploy_dir, "current") == first.release
+    assert device_health(pi.deploy_dir)["ok"]  # the device still runs the previous release, intact
 
     done = _by_host(_deploy(inv, fleet_models, tmp_path, group="pis", model="alt", bench=False))["pi1"]
-    assert done.outcome == "deployed" and _link(pi.deploy_dir, "current") == done.release
+    assert done.outcome == "deployed" and link(pi.deploy_dir, "current") == done.release
     assert not any(d.name.endswith(".partial") for d in (pi.deploy_dir / "releases").iterdir())
-    assert _health(pi.deploy_dir)["ok"]
+    assert device_health(pi.deploy_dir)["ok"]
 
 
 @pytest.mark.ssh
@@ -280,11 +271,11 @@ def _local_group_deploys(tmp_path: Path, fleet_models: dict[str, Any]) -> None:
     run = _deploy(tmp_path / "inventory.yaml", fleet_models, tmp_path, group="local")
     (r,) = run.results
     assert r.ok and r.outcome == "deployed", r.error
-    assert _link(tmp_path / "device", "current") == r.release
+    assert link(tmp_path / "device", "current") == r.release
     assert r.bench["fps"] > 0
     assert _by_host(_deploy(tmp_path / "inventory.yaml", fleet_models, tmp_path, group="local",
                             bench=False))[r.host].bytes_sent == 0
     dry = _by_host(_deploy(tmp_path / "inventory.yaml", fleet_models, tmp_path, group="local", model="alt",
                            dry_run=True))[r.host]
     assert dry.outcome == "dry-run" and dry.model_bytes_sent > 0
-    assert _link(tmp_path / "device", "current") == r.release  # dry run changed nothing
+    assert link(tmp_path / "device", "current") == r.release  # dry run changed nothing

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import pytest
 import yaml
-from fleet_hosts import kill_sshd, restart_sshd
+from fleet_hosts import kill_sshd, link, restart_sshd
 
 from pipeline.fleet import connection, runner, steps
 from pipeline.fleet.inventory import load_inventory
@@ -32,9 +32,6 @@ REPO = Path(__file__).resolve().parents[2]
 FAB = str(Path(sys.executable).parent / "fab")
 
 
-def _link(deploy_dir: Path, name: str) -> str | None:
-    p = deploy_dir / name
-    return os.path.basename(os.readlink(p)) if p.is_symlink() else None
 
 
 def _by_host(run: runner.FleetRun) -> dict[str, HostResult]:
@@ -80,11 +77,11 @@ def test_sshd_dying_mid_upload_and_mid_command_is_that_hosts_failure(sshd_fleet:
     assert victim.proc is None, "the hook never fired: the upload was smaller than the kill threshold"
     v, b = res[victim.name], res[bystander.name]
     assert b.ok and b.outcome == "deployed", b.error
-    assert _link(bystander.deploy_dir, "current") == b.release != first[bystander.name].release
+    assert link(bystander.deploy_dir, "current") == b.release != first[bystander.name].release
     assert not v.ok and v.failed_step == "push"
     assert f"{victim.name} ({victim.address}:{victim.port}): the SSH connection dropped while uploading" in v.error
     assert "EOFError" not in v.error.split("(", 1)[0] and "re-run" in v.error
-    assert _link(victim.deploy_dir, "current") == first[victim.name].release  # the device is untouched
+    assert link(victim.deploy_dir, "current") == first[victim.name].release  # the device is untouched
     table = format_table(run.command, run.results)
     assert victim.name in table and bystander.name in table and "1/2 host(s) ok" in table
 
@@ -107,7 +104,7 @@ def test_sshd_dying_mid_upload_and_mid_command_is_that_hosts_failure(sshd_fleet:
     again = _by_host(_deploy(inv, fleet_models, tmp_path, group="pis", model="alt"))
     assert again[victim.name].ok and again[victim.name].outcome == "deployed", again[victim.name].error
     assert again[bystander.name].outcome == "unchanged"
-    assert _link(victim.deploy_dir, "current") == again[victim.name].release
+    assert link(victim.deploy_dir, "current") == again[victim.name].release
     assert not any(d.name.endswith(".partial") for d in (victim.deploy_dir / "releases").iterdir())
 
     # 2. sshd dies while the victim's `activate` command runs on the device: no exit status comes
@@ -131,7 +128,7 @@ def test_sshd_dying_mid_upload_and_mid_command_is_that_hosts_failure(sshd_fleet:
     restart_sshd(victim)
     final = _by_host(_deploy(inv, fleet_models, tmp_path, group="pis", model="yolov8n"))[victim.name]
     assert final.ok, final.error
-    assert _link(victim.deploy_dir, "current") == final.release == mid[bystander.name].release
+    assert link(victim.deploy_dir, "current") == final.release == mid[bystander.name].release
 
 
 class _FakeConn:
@@ -265,11 +262,11 @@ def test_full_disk_is_said_in_words(sshd_fleet: Any, fleet_models: dict[str, Any
         assert not r.ok and r.failed_step == "push", r.error
         assert r.error.startswith(f"device {pi.name}: no space left in {pi.deploy_dir} ("), r.error
         assert "MB free, the upload still needs" in r.error and "the SFTP upload of yolov8n.onnx failed" in r.error
-        assert _link(pi.deploy_dir, "current") is None
+        assert link(pi.deploy_dir, "current") is None
         (pi.deploy_dir / "filler").unlink()  # space freed: the re-run completes
         r = _by_host(_deploy(inv, fleet_models, tmp_path, group="pis"))[pi.name]
         assert r.ok and r.outcome == "deployed", r.error
-        assert _link(pi.deploy_dir, "current") == r.release
+        assert link(pi.deploy_dir, "current") == r.release
 
 
 # --- hostile option values, through the real `fab` command line -------------------------------

@@ -15,15 +15,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fleet_hosts import kill_sshd, make_variant, restart_sshd, service
+from fleet_hosts import device_health, kill_sshd, link, make_variant, restart_sshd, service
 from support import free_port, healthz, wait_for
 
 from pipeline.fleet import connection, runner, steps
@@ -39,9 +37,6 @@ SHADOW = {"every_k": 1, "frames": 12, "minutes": 2.0, "min_frames": 8, "min_clas
 PLAN = ShadowPlan(frames=12)
 
 
-def _link(deploy_dir: Path, name: str) -> str | None:
-    p = deploy_dir / name
-    return os.path.basename(os.readlink(p)) if p.is_symlink() else None
 
 
 def _fleet(sshd_fleet: Any, names: list[str], services: list[Path], frames: Path
@@ -71,21 +66,14 @@ def _staged(inv: Path, sources: Sources, tmp_path: Path, model: str, canary: int
                 rollout=runner.parse_rollout(str(canary), batch, fail), shadow=PLAN if canary else None, **kw)
 
 
-def _device_health(deploy_dir: Path) -> dict[str, Any]:
-    """The device's own health check of whatever `current` points at (every sha256 + an inference)."""
-    release = deploy_dir / "current"
-    runtime = json.loads((release / "manifest.json").read_text())["source"]["runtime"]
-    p = subprocess.run([sys.executable, "-m", "edge_runtime", "health", "--release", str(release)],
-                       cwd=deploy_dir / "runtime" / runtime, capture_output=True, text=True, timeout=120)
-    return {"exit": p.returncode, **json.loads(p.stdout)}
 
 
 def assert_sound(hosts: dict[str, Any], ports: dict[str, int], expect: dict[str, str]) -> None:
     """Every device: `current` is the expected, complete and verified release, and its service runs it."""
     for name, host in hosts.items():
-        current = _link(host.deploy_dir, "current")
+        current = link(host.deploy_dir, "current")
         assert current == expect[name], (name, current, expect[name])
-        health = _device_health(host.deploy_dir)
+        health = device_health(host.deploy_dir)
         assert health["exit"] == 0 and health["ok"], (name, health.get("problems"))
         doc = wait_for(lambda p=ports[name], c=current: (d := healthz(p)) and d.get("ok") and
                        d.get("release") == c and d, timeout=90, message=f"{name}: service healthy on {current}")
@@ -280,7 +268,7 @@ def test_rollout_faults_link_cut_truncated_upload_and_service_killed(
         if host.name == "b1":
             def killer() -> None:
                 deadline = time.monotonic() + 60
-                while time.monotonic() < deadline and _link(hosts["b1"].deploy_dir, "current") != release:
+                while time.monotonic() < deadline and link(hosts["b1"].deploy_dir, "current") != release:
                     time.sleep(0.01)
                 state = json.loads((hosts["b1"].deploy_dir / "service" / "supervisor.json").read_text())
                 if state.get("child_pid"):
@@ -294,7 +282,7 @@ def test_rollout_faults_link_cut_truncated_upload_and_service_killed(
     res = {r.host: r for r in run.results}
     # Whatever the kill hit (the old service, or the new one starting), the device converges:
     # either b1 is healthy on the new release, or it went back to the old one and the rollout stopped.
-    after = {n: _link(h.deploy_dir, "current") for n, h in hosts.items()}
+    after = {n: link(h.deploy_dir, "current") for n, h in hosts.items()}
     assert after["b1"] in (expect["b1"], res["b1"].release)
     assert_sound(hosts, ports, after)
     run = _staged(inv, sources, tmp_path, "kill", batch="2")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleet_hosts import service
+from fleet_hosts import link, service
 from support import free_port, healthz, wait_for
 
 from edge_runtime import deploy_ops
@@ -33,9 +33,6 @@ from pipeline.fleet.results import format_table
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _link(deploy_dir: Path, name: str) -> str | None:
-    p = deploy_dir / name
-    return os.path.basename(os.readlink(p)) if p.is_symlink() else None
 
 
 def _deploy(inv: Path, sources: Sources, tmp_path: Path, **kw: Any) -> dict[str, Any]:
@@ -107,7 +104,7 @@ def test_deploy_starts_the_service_redeploy_and_rollback_move_it(sshd_fleet: Any
     assert rb.ok and rb.outcome == "rolled-back" and rb.details["service"]["ok"], rb.error
     doc = healthz(port)
     assert doc and doc["ok"] and doc["release"] == first.release
-    assert _link(pi.deploy_dir, "current") == first.release and _link(pi.deploy_dir, "previous") == second.release
+    assert link(pi.deploy_dir, "current") == first.release and link(pi.deploy_dir, "previous") == second.release
 
 
 @pytest.mark.slow
@@ -134,7 +131,7 @@ def test_release_that_crashes_on_start_is_rolled_back(sshd_fleet: Any, fleet_mod
     assert f"rolled back: release {two.release} is current again and its service is healthy" in bad.error
     assert took < 50, f"a crash loop is detected early, not after healthy_timeout_s (took {took:.0f} s)"
     # The device is exactly as before the deploy, and serves the good release.
-    assert _link(pi.deploy_dir, "current") == two.release and _link(pi.deploy_dir, "previous") == one.release
+    assert link(pi.deploy_dir, "current") == two.release and link(pi.deploy_dir, "previous") == one.release
     doc = healthz(ports["pi1"])
     assert doc and doc["ok"] and doc["release"] == two.release
     assert bad.details["service"]["rolled_back_to"] == two.release and bad.details["service"]["rollback_ok"]
@@ -142,7 +139,7 @@ def test_release_that_crashes_on_start_is_rolled_back(sshd_fleet: Any, fleet_mod
     # A device whose first release cannot serve: nothing is left current, nothing runs.
     first = res["fresh"]
     assert not first.ok and first.failed_step == "service" and "no earlier release" in first.error
-    assert _link(fresh.deploy_dir, "current") is None and healthz(ports["fresh"]) is None
+    assert link(fresh.deploy_dir, "current") is None and healthz(ports["fresh"]) is None
     assert not (fresh.deploy_dir / "service" / "supervisor.pid").exists()
     assert (fresh.deploy_dir / "releases" / first.release / "manifest.json").is_file()  # kept for a later deploy
 
