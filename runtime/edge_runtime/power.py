@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from .thermal import CommandRunner, is_raspberry_pi, run_command
+from .thermal import CommandRunner, is_raspberry_pi, read_sysfs, run_command
 
 NO_SENSOR_REASON = "no INA3221 rails or vcgencmd pmic_read_adc on this device"
 
@@ -52,16 +52,9 @@ PARALLEL_SUPPLY_RAILS: Tuple[Tuple[str, ...], ...] = (
 _PMIC_LINE = re.compile(r"^\s*(?P<rail>\S+)_(?P<unit>[AV])\s+(?:current|volt)\(\d+\)=(?P<value>[-\d.eE+]+)[AV]\s*$")
 
 
-def _read(path: Path) -> Optional[str]:
-    try:
-        return path.read_text().strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
 def _read_number(path: Path) -> Optional[float]:
     """A sysfs number; a few NVIDIA nodes append a unit ("32760 ma"), so only the first word."""
-    text = _read(path)
+    text = read_sysfs(path)
     if not text:
         return None
     try:
@@ -119,7 +112,7 @@ def ina3221_hwmon_rails(root: "Path | str" = "/") -> List[Rail]:
         for hwmon in _by_number(list(device.glob("hwmon/hwmon*"))):
             for label in _by_number(list(hwmon.glob("in*_label"))):
                 m = re.fullmatch(r"in(\d+)_label", label.name)
-                name = _read(label)
+                name = read_sysfs(label)
                 if not m or not name or name.upper() == "NC" or not (hwmon / f"curr{m.group(1)}_input").exists():
                     continue  # "sum of shunt voltages" (in7) has no current; NC = not connected
                 rail = _hwmon_rail(hwmon, int(m.group(1)), name)
@@ -138,7 +131,7 @@ def ina3221x_iio_rails(root: "Path | str" = "/") -> List[Rail]:
                 continue  # iio_device is a link to iio:deviceN on some releases
             for label in sorted(iio.glob("rail_name_*")):
                 m = re.fullmatch(r"rail_name_(\d+)", label.name)
-                name = _read(label)
+                name = read_sysfs(label)
                 if not m or not name or name.upper() == "NC":
                     continue
                 rail = _iio_rail(iio, int(m.group(1)), name)

@@ -43,7 +43,8 @@ def run_command(argv: List[str], timeout: float = 2.0) -> Optional[str]:
     return proc.stdout if proc.returncode == 0 else None
 
 
-def _read(path: Path) -> Optional[str]:
+def read_sysfs(path: Path) -> Optional[str]:
+    """A sysfs (or procfs) file's text, stripped; None when it is absent or unreadable."""
     try:
         return path.read_text().strip()
     except (OSError, UnicodeDecodeError):
@@ -51,7 +52,7 @@ def _read(path: Path) -> Optional[str]:
 
 
 def _read_int(path: Path) -> Optional[int]:
-    text = _read(path)
+    text = read_sysfs(path)
     try:
         return int(text) if text is not None else None
     except ValueError:
@@ -66,7 +67,7 @@ def thermal_zones(root: "Path | str" = "/") -> Dict[str, float]:
         milli = _read_int(zone / "temp")
         if milli is None:
             continue
-        name = _read(zone / "type") or zone.name
+        name = read_sysfs(zone / "type") or zone.name
         key, n = name, 1
         while key in zones:
             n += 1
@@ -122,10 +123,10 @@ def device_model(root: "Path | str" = "/") -> Optional[str]:
     """The board model from the device tree (Pi, Jetson) or DMI (x86), else None."""
     r = Path(root)
     for p in (r / "proc/device-tree/model", r / "sys/firmware/devicetree/base/model"):
-        text = _read(p)
+        text = read_sysfs(p)
         if text:
             return text.replace("\x00", "").strip()
-    parts = [_read(r / "sys/class/dmi/id" / f) for f in ("sys_vendor", "product_name")]
+    parts = [read_sysfs(r / "sys/class/dmi/id" / f) for f in ("sys_vendor", "product_name")]
     text = " ".join(p for p in parts if p)
     return text or None
 
@@ -143,7 +144,7 @@ def is_raspberry_pi(root: "Path | str" = "/") -> bool:
 
 def nvpmodel(root: "Path | str" = "/", runner: CommandRunner = run_command) -> Optional[Dict[str, Any]]:
     """Jetson power mode: from /var/lib/nvpmodel/status ("pmode:0002 ...") or `nvpmodel -q`."""
-    status = _read(Path(root) / "var/lib/nvpmodel/status")
+    status = read_sysfs(Path(root) / "var/lib/nvpmodel/status")
     if status:
         m = re.search(r"pmode:(\d+)", status)
         if m:
