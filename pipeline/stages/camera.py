@@ -40,6 +40,7 @@ from edge_runtime.fileio import atomic_write_json
 from pipeline.config import paths
 from pipeline.config.params import BaseParams, CameraModelParams, CameraParams, DataParams
 from pipeline.config.stage_cli import run_stage, stage_cli, stage_params
+from pipeline.imagesets.camera_model import camera_frame, encode_jpeg
 from pipeline.imagesets.synthetic import CLASS_NAMES, GeneratorConfig, image_rng, render_image
 from pipeline.imagesets.yolo import (
     IMAGE_SUFFIXES,
@@ -106,73 +107,6 @@ class FrameStats:
             "channel_mean_bgr": [round(float(v), 4) for v in mean],
             "channel_std_bgr": [round(float(v), 4) for v in std],
         }
-
-
-# ------------------------------------------------------------------------------------------
-# Camera model
-# ------------------------------------------------------------------------------------------
-
-
-def blur_kernel(cam: CameraModelParams) -> np.ndarray | None:
-    """The camera's point-spread function, or None when it has no blur.
-
-    Motion: a horizontal streak (the strip moves along x, the rolling direction). Defocus: a disc.
-    """
-    if cam.blur == "none" or cam.blur_px <= 0:
-        return None
-    if cam.blur == "motion":
-        length = max(1, int(round(cam.blur_px)))
-        k = np.zeros((length | 1, length | 1), np.float32)  # odd size so the streak is centred
-        k[k.shape[0] // 2, (k.shape[1] - length) // 2:(k.shape[1] - length) // 2 + length] = 1.0
-    else:
-        radius = cam.blur_px
-        size = 2 * int(np.ceil(radius)) + 1
-        yy, xx = np.mgrid[:size, :size].astype(np.float32) - size // 2
-        # Anti-aliased disc: a hard disc of radius < 1 px would be a no-op.
-        k = np.clip(radius + 0.5 - np.sqrt(xx**2 + yy**2), 0.0, 1.0)
-    return k / k.sum()
-
-
-def vignette(height: int, width: int, strength: float) -> np.ndarray:
-    """Radial fall-off (H, W) float32: 1 at the centre, 1 - strength in the corners."""
-    yy, xx = np.mgrid[:height, :width].astype(np.float32)
-    r2 = ((xx - (width - 1) / 2) / (width / 2)) ** 2 + ((yy - (height - 1) / 2) / (height / 2)) ** 2
-    return (1.0 - strength * r2 / 2.0).astype(np.float32)  # r2 is 2 in the corners
-
-
-def camera_frame(scene: np.ndarray, cam: CameraModelParams, rng: np.random.Generator,
-                 exposure: float, wb_gains: np.ndarray, shift_xy: tuple[float, float]) -> np.ndarray:
-    """Render the square BGR uint8 `scene` as camera `cam` would deliver it (BGR uint8, H x W).
-
-    `exposure` and `wb_gains` are this scene's (jittered) values; `shift_xy` moves the scene
-    by sub-pixel amounts (vibration between frames of a burst). Noise is drawn from `rng`.
-    Box labels stay exact: the resize is of the whole frame, so normalised YOLO coordinates
-    are unchanged, and the shift is only used for unlabelled frames.
-    """
-    img = scene.astype(np.float32)
-    if shift_xy != (0.0, 0.0):
-        m = np.float32([[1, 0, shift_xy[0]], [0, 1, shift_xy[1]]])
-        img = cv2.warpAffine(img, m, (img.shape[1], img.shape[0]), flags=cv2.INTER_LINEAR,
-                             borderMode=cv2.BORDER_REFLECT)
-    shrink = cam.width < img.shape[1] or cam.height < img.shape[0]
-    img = cv2.resize(img, (cam.width, cam.height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    kernel = blur_kernel(cam)
-    if kernel is not None:
-        img = cv2.filter2D(img, -1, kernel, borderType=cv2.BORDER_REFLECT)
-    img *= np.float32(exposure)
-    img *= wb_gains.astype(np.float32)[None, None, :]
-    img *= vignette(cam.height, cam.width, cam.vignetting)[:, :, None]
-    noise_sigma = np.sqrt(cam.shot_noise**2 * np.maximum(img, 0.0) + cam.read_noise**2)
-    img += rng.standard_normal(img.shape, dtype=np.float32) * noise_sigma.astype(np.float32)
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
-
-
-def encode_jpeg(img: np.ndarray, quality: int) -> bytes:
-    """JPEG bytes of a BGR uint8 image (the camera's own compression)."""
-    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise RuntimeError(f"OpenCV could not encode a {img.shape} frame as JPEG")
-    return buf.tobytes()
 
 
 def _scene_settings(rng: np.random.Generator, cam: CameraModelParams, exposure_jitter: float,
