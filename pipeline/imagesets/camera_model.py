@@ -10,6 +10,7 @@ noise, JPEG. Any object with the attributes of `CameraModel` can be rendered.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, Protocol
 
 import cv2
@@ -79,10 +80,27 @@ def camera_frame(scene: np.ndarray, cam: CameraModel, rng: np.random.Generator,
         img = cv2.filter2D(img, -1, kernel, borderType=cv2.BORDER_REFLECT)
     img *= np.float32(exposure)
     img *= wb_gains.astype(np.float32)[None, None, :]
-    img *= vignette(cam.height, cam.width, cam.vignetting)[:, :, None]
-    noise_sigma = np.sqrt(cam.shot_noise**2 * np.maximum(img, 0.0) + cam.read_noise**2)
-    img += rng.standard_normal(img.shape, dtype=np.float32) * noise_sigma.astype(np.float32)
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    img *= _vignette(cam.height, cam.width, cam.vignetting)[:, :, None]
+    # In place, in float32: train's augmentation renders every other training image through
+    # this function inside the dataloader, so array temporaries cost epoch time.
+    sigma = np.maximum(img, np.float32(0.0))
+    sigma *= np.float32(cam.shot_noise**2)
+    sigma += np.float32(cam.read_noise**2)
+    np.sqrt(sigma, out=sigma)
+    noise = rng.standard_normal(img.shape, dtype=np.float32)
+    noise *= sigma
+    img += noise
+    np.rint(img, out=img)
+    np.clip(img, 0, 255, out=img)
+    return img.astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=64)
+def _vignette(height: int, width: int, strength: float) -> np.ndarray:
+    """`vignette`, cached (a camera renders many frames at one size); read-only."""
+    v = vignette(height, width, strength)
+    v.flags.writeable = False
+    return v
 
 
 def encode_jpeg(img: np.ndarray, quality: int) -> bytes:

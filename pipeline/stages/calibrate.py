@@ -36,6 +36,7 @@ from edge_runtime.fileio import atomic_write_bytes, atomic_write_json, sha256_fi
 from pipeline.config import paths
 from pipeline.config.params import BaseParams, CalibrateParams, ExportParams
 from pipeline.config.stage_cli import run_stage, stage_cli, stage_params
+from pipeline.imagesets.near_duplicates import dedup, phash
 from pipeline.imagesets.yolo import IMAGE_SUFFIXES, decode_image
 from pipeline.tracking.mlflow_runs import lineage_tags, log_metrics, set_tags, stage_run
 
@@ -95,41 +96,8 @@ def list_train_images(dataset_dir: Path) -> list[Frame]:
 
 
 # ------------------------------------------------------------------------------------------
-# Perceptual hash, dedup, descriptor, farthest-point selection
+# Descriptor, farthest-point selection (the perceptual hash and dedup: imagesets/near_duplicates.py)
 # ------------------------------------------------------------------------------------------
-
-
-def phash(img: np.ndarray, hash_size: int, highfreq: int) -> np.ndarray:
-    """DCT perceptual hash of a BGR image: `hash_size`**2 bits (bool array).
-
-    Grey thumbnail of (hash_size * highfreq)^2 pixels, 2-D DCT, the top-left hash_size^2
-    low-frequency block, each coefficient compared with the block's median. Noise, JPEG and
-    small shifts barely move low frequencies; a different scene does.
-    """
-    n = hash_size * highfreq
-    gray = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY) if img.ndim == 3 else img
-    thumb = cv2.resize(gray, (n, n), interpolation=cv2.INTER_AREA).astype(np.float32)
-    block = cv2.dct(thumb)[:hash_size, :hash_size]
-    return (block > np.median(block)).reshape(-1)
-
-
-def dedup(hashes: np.ndarray, max_hamming: int) -> tuple[list[int], list[tuple[int, int, int]]]:
-    """Keep each frame unless it is within `max_hamming` bits of an earlier KEPT frame.
-
-    Returns (kept indices, [(dropped index, index of the kept frame it duplicates, distance)]).
-    Order-dependent by design: with sorted input the first frame of a burst is the one kept.
-    """
-    kept: list[int] = []
-    dropped: list[tuple[int, int, int]] = []
-    for i in range(len(hashes)):
-        if kept:
-            d = np.count_nonzero(hashes[kept] != hashes[i], axis=1)
-            j = int(np.argmin(d))
-            if d[j] <= max_hamming:
-                dropped.append((i, kept[j], int(d[j])))
-                continue
-        kept.append(i)
-    return kept, dropped
 
 
 def descriptor(img: np.ndarray, thumb_size: int, hist_bins: int, hist_weight: float) -> np.ndarray:
