@@ -253,3 +253,64 @@ def test_ingest_refuses_dangling_and_escaping_frame_links(tmp_path: Path) -> Non
     (cam / "b.png").unlink()
     (cam / "b.png").symlink_to(cam / "a.png")  # inside: followed
     assert ingest_frames(ingest, tmp_path / "out3", video_fps=2.0)["cam1"].frames == 2
+
+
+def test_synthetic_labelled_train_split_is_other_scenes(tmp_path: Path, repo_params: dict, train_yaml: Path) -> None:
+    """labelled_train_images writes labelled/images/train from a seed space of its own: the leak
+    check train runs (near_duplicates.check_disjoint) finds no copy or near-duplicate of a val frame."""
+    from pipeline.imagesets.near_duplicates import SAME_SCENE_BITS, check_disjoint
+
+    cp, dp, bp = _params(repo_params)
+    cp = cp.replace(synthetic=cp.synthetic.replace(labelled_train_images=5))
+    out = tmp_path / "camera_frames"
+    result = camera.build_camera_frames(out, train_yaml, cp, dp, bp)
+    train = sorted((out / "labelled" / "images" / "train").glob("*.jpg"))
+    val = sorted((out / "labelled" / "images" / "val").glob("*.jpg"))
+    assert (len(train), len(val)) == (5, 4) and result.labelled_train_images == 5
+    assert result.as_metrics()["labelled_train_images"] == 5
+    assert all((out / "labelled" / "labels" / "train" / f"{f.stem}.txt").is_file() for f in train)
+    assert yaml.safe_load((out / "labelled" / "dataset.yaml").read_text())["train"] == "images/train"
+    check_disjoint(train, val, SAME_SCENE_BITS)
+    # The same check refuses a val frame smuggled into the train split, as a copy or re-encoded.
+    (tmp_path / "leak").mkdir()
+    copy = tmp_path / "leak" / "copy.jpg"
+    copy.write_bytes(val[0].read_bytes())
+    with pytest.raises(DatasetError, match="is a copy of"):
+        check_disjoint([*train, copy], val, SAME_SCENE_BITS)
+    reencoded = tmp_path / "leak" / "reencoded.png"
+    img = cv2.imread(str(val[1]))
+    cv2.imwrite(str(reencoded), cv2.GaussianBlur(img, (3, 3), 0))
+    with pytest.raises(DatasetError, match="near-duplicate of .*val.*move them together"):
+        check_disjoint([*train, reencoded], val, SAME_SCENE_BITS)
+
+
+def test_ingest_labelled_train_fraction_keeps_bursts_together(tmp_path: Path, repo_params: dict,
+                                                              train_yaml: Path) -> None:
+    """Ingested labelled frames split into train/val by near-duplicate group: every burst lands on one side."""
+    src = tmp_path / "camera" / "pi-a"
+    src.mkdir(parents=True)
+    cv2.imwrite(str(src / "f.png"), _frame(1))
+    lab = tmp_path / "labelled_src"
+    (lab / "images").mkdir(parents=True)
+    (lab / "labels").mkdir()
+    (lab / "data.yaml").write_text(yaml.safe_dump({"names": list(CLASS_NAMES)}))
+    rng = np.random.default_rng(0)
+    cfg = camera.generator_config(_params(repo_params)[1])
+    for scene in range(8):  # 8 scenes x 3 frames each, the frames of a scene a pixel apart plus noise
+        img, _ = render_image(image_rng(7, "burst-test", scene), cfg)
+        for k in range(3):
+            frame = np.roll(img, k, axis=1).astype(np.int16) + rng.integers(-3, 4, img.shape)
+            cv2.imwrite(str(lab / "images" / f"s{scene}_{k}.jpg"), np.clip(frame, 0, 255).astype(np.uint8))
+            (lab / "labels" / f"s{scene}_{k}.txt").write_text("1 0.5 0.5 0.2 0.2\n")
+    cp, dp, bp = _ingest_params(repo_params, tmp_path / "camera", str(lab))
+    out = tmp_path / "out"
+    result = camera.build_camera_frames(out, train_yaml, cp.replace(labelled_train_fraction=0.5), dp, bp)
+    train = {f.stem for f in (out / "labelled" / "images" / "train").iterdir()}
+    val = {f.stem for f in (out / "labelled" / "images" / "val").iterdir()}
+    assert len(train) == 12 and len(val) == 12 and result.labelled_images == 12
+    for scene in range(8):
+        sides = {f"s{scene}_{k}" in train for k in range(3)}
+        assert len(sides) == 1, f"scene {scene} is split across train and val"
+    again = tmp_path / "again"
+    camera.build_camera_frames(again, train_yaml, cp.replace(labelled_train_fraction=0.5), dp, bp)
+    assert _tree(out / "labelled") == _tree(again / "labelled")  # seeded

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import typing
 from collections import Counter
 from dataclasses import dataclass
@@ -400,6 +401,31 @@ class DataParams(ParamsModel):
         return self
 
 
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?|\d+(,\d+)*")
+
+
+def _train_device(value: object) -> object:
+    """`train.device`: "cpu", a CUDA device ("cuda:0", "0", "0,1") or a list of CUDA indices (DDP)."""
+    if isinstance(value, list):
+        if not value or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+            raise ValueError(f"a device list must hold CUDA indices (non-negative integers), got {value}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"device list {value} names a GPU twice")
+        return value
+    if isinstance(value, str) and _DEVICE.fullmatch(value):
+        return value
+    raise ValueError(f"{value!r} is not a device: use cpu, cuda:N, N, 'N,M' or a list [N, M] of CUDA indices")
+
+
+class CameraMatchParams(ParamsModel):
+    """`train.camera_match`: training images rendered through the estimated deployment cameras."""
+
+    enabled: bool  # reads reports/camera_profile/profiles.json (stage camera_profile)
+    probability: Probability  # share of training images rendered through a camera (picked uniformly)
+    strength: float = Field(ge=0.0, le=2.0)  # 0 = no effect, 1 = the profile's estimate of every effect
+    jitter: float = Field(ge=0.0, lt=1.0)  # per-image relative variation of exposure, gains, blur and noise
+
+
 class TrainParams(ParamsModel):
     """Stage `train`: Ultralytics YOLOv8n hyper-parameters (passed through by name)."""
 
@@ -432,6 +458,12 @@ class TrainParams(ParamsModel):
     hsv_h: Probability
     hsv_s: Probability
     hsv_v: Probability
+    # cpu (bit-reproducible per CPU type) | cuda:N | [N, M] (Ultralytics' DDP)
+    device: Annotated[str | list[int], BeforeValidator(_train_device)]
+    camera_match: CameraMatchParams
+    # fine-tune on the labelled camera frames' train split (data/camera_frames/labelled/images/train), checked
+    # disjoint from the camera evaluation split (no copy, no near-duplicate)
+    camera_frames: bool
 
     @model_validator(mode="after")
     def _activation_needs_yaml(self) -> TrainParams:
@@ -497,6 +529,7 @@ class CameraSyntheticParams(ParamsModel):
     exposure_jitter: float = Field(ge=0.0, lt=0.5)  # per-scene relative exposure change (auto-exposure, flicker)
     wb_jitter: float = Field(ge=0.0, lt=0.5)  # per-scene relative change of each white-balance gain
     labelled_images: int = Field(ge=1)  # size of the labelled camera-domain val split (cameras round-robin)
+    labelled_train_images: int = Field(ge=0)  # labelled frames of other scenes, for train.camera_frames (0 = none)
     # Ids name output folders, so two cameras with one id would overwrite each other's frames.
     cameras: Annotated[TupleOf[CameraModelParams], _distinct("camera id", lambda c: c.id)] = Field(min_length=1)
 
@@ -508,6 +541,9 @@ class CameraParams(ParamsModel):
     ingest_dir: str  # source ingest: one folder per camera (images or one video), e.g. from `fab collect-frames`
     ingest_labelled_dir: str  # source ingest: optional YOLO folder of labelled camera frames; "" = none
     video_fps: float = Field(gt=0.0, le=120.0)  # source ingest: frames per second sampled from a video file
+    # source ingest: share of ingest_labelled_dir's frames (whole near-duplicate groups, seeded) put in a
+    # train split for train.camera_frames; the rest stay the camera evaluation split
+    labelled_train_fraction: float = Field(ge=0.0, lt=1.0)
     synthetic: CameraSyntheticParams
 
     @model_validator(mode="after")
@@ -569,6 +605,20 @@ def _bootstrap_resamples(value: int) -> int:
     return value
 
 
+class EarlyStopParams(ParamsModel):
+    """`quantize.early_stop`: stop scoring a candidate once its drop interval lies wholly above the gate.
+
+    A sequential test with repeated looks, so each look's interval is wider than the CSV's 95 %
+    (docs/int8-and-calibration.md, "Early stop"). Candidates that pass are always scored in full.
+    """
+
+    enabled: bool
+    min_images: int = Field(ge=2)  # no look before this many images of a split (a split this small: no look)
+    chunk: int = Field(ge=1)  # images scored between two looks
+    level: float = Field(ge=0.95, lt=1.0)  # two-sided level of the interval at each look (its low end decides)
+    resamples: int = Field(ge=50)  # paired-bootstrap resamples per look (their SD sets the interval's width)
+
+
 class QuantizeParams(ParamsModel):
     """Stage `quantize`: candidates, the accuracy gate and how latency is measured."""
 
@@ -586,6 +636,7 @@ class QuantizeParams(ParamsModel):
     latency_tie: float = Field(ge=0.0, lt=1.0)  # within this fraction of the fastest = a tie; the most accurate wins
     # Paired-bootstrap resamples for each drop's 95% interval (0 = no intervals).
     bootstrap_resamples: Annotated[int, Field(ge=0), AfterValidator(_bootstrap_resamples)]
+    early_stop: EarlyStopParams  # a candidate whose drop interval lies above the gate is not scored further
     # Names pick the chosen model in later stages (QuantizeParams.candidate), so they must be unique.
     candidates: Annotated[TupleOf[QuantizeCandidate], _distinct("candidate name", lambda c: c.name)] = Field(
         min_length=1)

@@ -35,6 +35,7 @@ CAMERA_FRAMES = CAMERA_FRAMES_DIR / "frames"
 CAMERA_LABELLED = CAMERA_FRAMES_DIR / "labelled"  # YOLO layout, split val, dataset.yaml
 CAMERA_LABELLED_YAML = CAMERA_LABELLED / "dataset.yaml"
 CAMERA_METRICS = Path("reports/camera/metrics.json")
+CAMERA_PROFILES = Path("reports/camera_profile/profiles.json")  # stage camera_profile: a camera model per camera
 
 CALIBRATION_DIR = Path("calibration")  # calibration/<set>/tensors.npy + manifest.json
 CALIBRATION_CAMERA = CALIBRATION_DIR / "camera"  # from CAMERA_FRAMES (the default for quantize)

@@ -40,6 +40,7 @@ from edge_runtime.fileio import atomic_write_json
 from pipeline.config import paths
 from pipeline.config.params import BaseParams, CameraModelParams, CameraParams, DataParams
 from pipeline.config.stage_cli import run_stage, stage_cli, stage_params
+from pipeline.imagesets import near_duplicates
 from pipeline.imagesets.camera_model import camera_frame, encode_jpeg
 from pipeline.imagesets.synthetic import CLASS_NAMES, GeneratorConfig, image_rng, render_image
 from pipeline.imagesets.yolo import (
@@ -57,7 +58,8 @@ from pipeline.tracking.mlflow_runs import lineage_tags, log_metrics, set_tags, s
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm")
 FRAMES_SUBDIR = "frames"
 LABELLED_SUBDIR = "labelled"
-LABELLED_SPLIT = "val"
+LABELLED_SPLIT = "val"  # the camera evaluation split
+LABELLED_TRAIN_SPLIT = "train"  # labelled camera frames of other scenes, for train.camera_frames
 
 
 # ------------------------------------------------------------------------------------------
@@ -109,7 +111,7 @@ class FrameStats:
         }
 
 
-def _scene_settings(rng: np.random.Generator, cam: CameraModelParams, exposure_jitter: float,
+def scene_settings(rng: np.random.Generator, cam: CameraModelParams, exposure_jitter: float,
                     wb_jitter: float) -> tuple[float, np.ndarray]:
     """This scene's exposure and white balance: the camera's own, jittered (auto-exposure, lamps)."""
     exposure = cam.exposure * (1.0 + rng.uniform(-exposure_jitter, exposure_jitter))
@@ -131,6 +133,7 @@ class CameraResult:
     cameras: dict[str, FrameStats]
     labelled_images: int
     labelled_instances: int
+    labelled_train_images: int = 0  # the `train` split kept for train.camera_frames
 
     def as_metrics(self) -> dict[str, object]:
         """The metrics document (reports/camera/metrics.json)."""
@@ -140,6 +143,7 @@ class CameraResult:
             "frames_total": sum(s.frames for s in self.cameras.values()),
             "labelled_images": self.labelled_images,
             "labelled_instances": self.labelled_instances,
+            "labelled_train_images": self.labelled_train_images,
         }
 
 
@@ -162,7 +166,7 @@ def synthesize_frames(frames_dir: Path, p: CameraParams, cfg: GeneratorConfig, s
             # Own seed space ("camera/<id>"), so no scene is a training/val/test image.
             rng = image_rng(seed, f"camera/{cam.id}", scene_index)
             scene, _ = render_image(rng, cfg)
-            exposure, wb = _scene_settings(rng, cam, s.exposure_jitter, s.wb_jitter)
+            exposure, wb = scene_settings(rng, cam, s.exposure_jitter, s.wb_jitter)
             for k in range(s.burst_length):
                 shift = (0.0, 0.0) if k == 0 else tuple(
                     float(v) for v in rng.uniform(-s.burst_shift_px, s.burst_shift_px, 2)
@@ -178,52 +182,69 @@ def synthesize_frames(frames_dir: Path, p: CameraParams, cfg: GeneratorConfig, s
 
 def synthesize_labelled(labelled_dir: Path, p: CameraParams, cfg: GeneratorConfig, seed: int,
                         class_names: tuple[str, ...]) -> tuple[int, int]:
-    """Write the labelled camera-domain split (cameras round-robin); return (images, instances)."""
+    """Write the labelled camera-domain splits (cameras round-robin); return the val split's (images, instances).
+
+    `val` is the evaluation split; `train` (`labelled_train_images`, seed space of its own, so
+    no scene is in both) is what `train.camera_frames` fine-tunes on.
+    """
     s = p.synthetic
     writer = _LabelledWriter(labelled_dir, class_names)
-    for i in range(s.labelled_images):
-        cam = s.cameras[i % len(s.cameras)]
-        rng = image_rng(seed, "camera-labelled", i)
-        scene, boxes = render_image(rng, cfg)
-        exposure, wb = _scene_settings(rng, cam, s.exposure_jitter, s.wb_jitter)
-        img = camera_frame(scene, cam, rng, exposure, wb, (0.0, 0.0))
-        labels = [b.yolo(cfg.image_size, cfg.image_size) for b in boxes]  # normalised: resize-invariant
-        writer.add(f"{cam.id}_{i:05d}", encode_jpeg(img, cam.jpeg_quality), ".jpg", labels)
+    for split, space, count in ((LABELLED_SPLIT, "camera-labelled", s.labelled_images),
+                                (LABELLED_TRAIN_SPLIT, "camera-labelled-train", s.labelled_train_images)):
+        for i in range(count):
+            cam = s.cameras[i % len(s.cameras)]
+            rng = image_rng(seed, space, i)
+            scene, boxes = render_image(rng, cfg)
+            exposure, wb = scene_settings(rng, cam, s.exposure_jitter, s.wb_jitter)
+            img = camera_frame(scene, cam, rng, exposure, wb, (0.0, 0.0))
+            labels = [b.yolo(cfg.image_size, cfg.image_size) for b in boxes]  # normalised: resize-invariant
+            writer.add(f"{cam.id}_{i:05d}", encode_jpeg(img, cam.jpeg_quality), ".jpg", labels, split)
     return writer.finish()
 
 
 class _LabelledWriter:
-    """A YOLO folder with one split (`val`). DatasetWriter insists on a train split; this one
-    does not, and it writes into the stage's temp folder (the whole output is swapped at once)."""
+    """A YOLO folder with the evaluation split `val` and, when frames are kept for fine-tuning,
+    `train`. DatasetWriter insists on a train split; this one does not, and it writes into the
+    stage's temp folder (the whole output is swapped at once)."""
 
     def __init__(self, root: Path, class_names: tuple[str, ...]) -> None:
         self.root, self.class_names = root, class_names
-        self.images, self.instances = 0, 0
+        self.images, self.instances = 0, 0  # the evaluation split's
+        self.train_images = 0
         (root / "images" / LABELLED_SPLIT).mkdir(parents=True)
         (root / "labels" / LABELLED_SPLIT).mkdir(parents=True)
 
     def add(self, name: str, image_bytes: bytes, suffix: str,
             labels: list[tuple[int, float, float, float, float]]
-            | tuple[tuple[int, float, float, float, float], ...]) -> None:
-        """Add one image and its labels; the label text is re-validated as any import would be."""
-        image_path = self.root / "images" / LABELLED_SPLIT / f"{name}{suffix.lower()}"
+            | tuple[tuple[int, float, float, float, float], ...], split: str = LABELLED_SPLIT) -> None:
+        """Add one image and its labels to `split`; the label text is re-validated as any import would be."""
+        (self.root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (self.root / "labels" / split).mkdir(parents=True, exist_ok=True)
+        image_path = self.root / "images" / split / f"{name}{suffix.lower()}"
         if image_path.exists():
             raise DatasetError(f"two labelled camera images named '{name}'; rename one")
         text = format_label(labels)
-        label_path = self.root / "labels" / LABELLED_SPLIT / f"{name}.txt"
+        label_path = self.root / "labels" / split / f"{name}.txt"
         validate_label_text(text, label_path, len(self.class_names))
         image_path.write_bytes(image_bytes)
         label_path.write_text(text)
-        self.images += 1
-        self.instances += len(labels)
+        if split == LABELLED_SPLIT:
+            self.images += 1
+            self.instances += len(labels)
+        else:
+            self.train_images += 1
 
     def finish(self) -> tuple[int, int]:
-        """Write dataset.yaml; return (images, instances)."""
+        """Write dataset.yaml; return the evaluation split's (images, instances)."""
         # Ultralytics refuses a data YAML without `train:`; pointing it at the val images keeps
-        # `model.val(data=...)` working. Nothing trains on this split.
-        doc = {"train": f"images/{LABELLED_SPLIT}", "val": f"images/{LABELLED_SPLIT}",
+        # `model.val(data=...)` working when there is no train split. `train` (the stage) adds
+        # images/train to its training set only with train.camera_frames on, after checking
+        # that none of them is a near-duplicate of a val frame.
+        train = LABELLED_TRAIN_SPLIT if self.train_images else LABELLED_SPLIT
+        doc = {"train": f"images/{train}", "val": f"images/{LABELLED_SPLIT}",
                "nc": len(self.class_names), "names": dict(enumerate(self.class_names))}
-        header = "# Camera-domain evaluation split (pipeline/stages/camera.py): evaluate on `val` only.\n"
+        header = ("# Camera-domain splits (pipeline/stages/camera.py): evaluate on `val` only; `train` is for "
+                  "train.camera_frames.\n")
         (self.root / "dataset.yaml").write_text(header + yaml.safe_dump(doc, sort_keys=False))
         return self.images, self.instances
 
@@ -344,8 +365,14 @@ def ingest_frames(ingest_dir: Path, frames_dir: Path, video_fps: float) -> dict[
     return stats
 
 
-def ingest_labelled(src: Path, labelled_dir: Path, class_names: tuple[str, ...]) -> tuple[int, int]:
-    """Copy a labelled YOLO folder of camera frames into the `val` split, validated like any import."""
+def ingest_labelled(src: Path, labelled_dir: Path, class_names: tuple[str, ...], train_fraction: float = 0.0,
+                    seed: int = 0) -> tuple[int, int]:
+    """Copy a labelled YOLO folder of camera frames into the `val` split, validated like any import.
+
+    With `train_fraction` > 0, about that share of the frames goes to a `train` split instead,
+    by whole near-duplicate groups (a burst, a scene re-encoded: `near_duplicates.groups`)
+    drawn with `seed`, so no scene is on both sides.
+    """
     if not src.is_dir():
         raise DatasetError(f"camera.ingest_labelled_dir {src} is not a folder; point it at a YOLO folder "
                            "(images/, labels/, data.yaml) or set it to \"\"")
@@ -356,10 +383,25 @@ def ingest_labelled(src: Path, labelled_dir: Path, class_names: tuple[str, ...])
         raise DatasetError(f"{src}: class names {list(names)} differ from the training set's {list(class_names)}; "
                            "relabel the camera frames with the training classes (same order)")
     writer = _LabelledWriter(labelled_dir, class_names)
-    for sample in samples:
+    to_train = _train_share([s.image for s in samples], train_fraction, seed)
+    for sample, train in zip(samples, to_train):
         decode_image(sample.image)
-        writer.add(sample.name, sample.image.read_bytes(), sample.image.suffix, sample.labels)
+        writer.add(sample.name, sample.image.read_bytes(), sample.image.suffix, sample.labels,
+                   LABELLED_TRAIN_SPLIT if train else LABELLED_SPLIT)
     return writer.finish()
+
+
+def _train_share(images: list[Path], fraction: float, seed: int) -> list[bool]:
+    """Per image: True for the train split. Whole near-duplicate groups, seeded, about `fraction` of them."""
+    if fraction <= 0 or not images:
+        return [False] * len(images)
+    group = near_duplicates.groups(near_duplicates.hashes_of(images), near_duplicates.SAME_SCENE_BITS)
+    n_groups = max(group) + 1
+    order = np.random.default_rng(seed).permutation(n_groups)
+    chosen = set(order[: int(round(fraction * n_groups))].tolist())
+    if len(chosen) == n_groups:  # keep an evaluation split
+        chosen.discard(int(order[-1]))
+    return [g in chosen for g in group]
 
 
 def read_class_names(dataset_yaml: Path) -> tuple[str, ...]:
@@ -403,12 +445,15 @@ def build_camera_frames(out: Path, dataset_yaml: Path, p: CameraParams, data: Da
             stats = ingest_frames(Path(p.ingest_dir), frames_dir, p.video_fps)
             n_img = n_inst = 0
             if p.ingest_labelled_dir:
-                n_img, n_inst = ingest_labelled(Path(p.ingest_labelled_dir), tmp / LABELLED_SUBDIR, class_names)
+                n_img, n_inst = ingest_labelled(Path(p.ingest_labelled_dir), tmp / LABELLED_SUBDIR, class_names,
+                                                p.labelled_train_fraction, base.seed)
+        train_dir = tmp / LABELLED_SUBDIR / "images" / LABELLED_TRAIN_SPLIT
+        n_train = sum(1 for _ in train_dir.iterdir()) if train_dir.is_dir() else 0
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return CameraResult(out, p.source, stats, n_img, n_inst)
+    return CameraResult(out, p.source, stats, n_img, n_inst, n_train)
 
 
 def _swap_in(tmp: Path, target: Path) -> None:

@@ -27,6 +27,9 @@ from pipeline.config import paths
 from pipeline.config.params import BaseParams, TrainParams
 from pipeline.config.stage_cli import run_stage, stage_cli, stage_params
 from pipeline.config.ultralytics_env import import_ultralytics
+from pipeline.imagesets import near_duplicates
+from pipeline.imagesets.camera_augment import CameraAugment, load_profiles, wrap_dataset
+from pipeline.imagesets.yolo import IMAGE_SUFFIXES, DatasetError
 from pipeline.tracking.mlflow_runs import (
     lineage_tags,
     log_artifact,
@@ -82,11 +85,45 @@ def model_spec(p: TrainParams, workdir: Path) -> str:
 
 def _train_kwargs(p: TrainParams, base: BaseParams) -> dict[str, Any]:
     kw = p.model_dump()
-    kw.pop("model")
-    kw.pop("activation")
-    kw.update(seed=base.seed, deterministic=True, device="cpu", plots=False, amp=False,
+    for own in ("model", "activation", "camera_match", "camera_frames"):
+        kw.pop(own)
+    # amp stays off on a GPU too: mixed precision changes the weights' numerics, and the INT8
+    # gate and the repro check compare against FP32 training.
+    kw.update(seed=base.seed, deterministic=True, plots=False, amp=False,
               val=True, patience=p.epochs)  # no early stop: the run length is the param
     return kw
+
+
+def camera_matched_trainer(augment: CameraAugment) -> type:
+    """Ultralytics' DetectionTrainer whose training dataset renders images through `augment`.
+
+    A subclass passed as `YOLO.train(trainer=...)` is Ultralytics' own extension point; for
+    multi-GPU DDP Ultralytics pickles the trainer class (cloudpickle), so this one travels too.
+    """
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    class CameraMatchedTrainer(DetectionTrainer):  # type: ignore[misc]
+        def build_dataset(self, img_path: str, mode: str = "train", batch: int | None = None) -> Any:
+            dataset = super().build_dataset(img_path, mode, batch)
+            if mode == "train":
+                wrap_dataset(dataset, augment)
+            return dataset
+
+    return CameraMatchedTrainer
+
+
+def _epoch_rows_from_csv(results_csv: Path) -> list[dict[str, float]]:
+    """Per-epoch rows from Ultralytics' results.csv (DDP trains in a subprocess: no callbacks here)."""
+    rows = []
+    with results_csv.open(newline="") as f:
+        for rec in csv.DictReader(f):
+            rec = {k.strip(): v for k, v in rec.items()}
+            row = {"epoch": float(rec["epoch"])}
+            for col in EPOCH_COLUMNS:
+                if rec.get(col, "").strip():
+                    row[sanitize_metric_name(col)] = round(float(rec[col]), 6)
+            rows.append(row)
+    return rows
 
 
 def _epoch_row(trainer: Any) -> dict[str, float]:
@@ -136,8 +173,45 @@ def normalize_checkpoint(src: Path, dataset_yaml: str) -> bytes:
     return buf.getvalue()
 
 
-def train(dataset_yaml: Path, weights_out: Path, p: TrainParams, base: BaseParams) -> TrainResult:
-    """Train YOLOv8n on the dataset described by `dataset_yaml`; write weights to `weights_out`."""
+def camera_augment(p: TrainParams, profiles: Path) -> CameraAugment | None:
+    """The camera-matched augmentation `train.camera_match` asks for, or None when it is off."""
+    m = p.camera_match
+    if not m.enabled:
+        return None
+    return CameraAugment(load_profiles(profiles), m.probability, m.strength, m.jitter, p.imgsz)
+
+
+def add_camera_frames(dataset: Path, camera_labelled: Path) -> int:
+    """Copy the labelled camera frames' train split into the training split of the YOLO folder `dataset`.
+
+    Refuses (DatasetError naming both files) a frame that is a copy or a near-duplicate of a
+    frame of the camera evaluation split, which would make the camera mAP measure memory.
+    Returns the number of frames added.
+    """
+    train_dir, val_dir = camera_labelled / "images" / "train", camera_labelled / "images" / "val"
+    frames = sorted(f for f in train_dir.glob("*") if f.suffix.lower() in IMAGE_SUFFIXES) if train_dir.is_dir() else []
+    if not frames:
+        raise DatasetError(f"train.camera_frames is on but {train_dir} has no frames: set "
+                           "camera.synthetic.labelled_train_images (synthetic) or camera.labelled_train_fraction "
+                           "(ingest) and re-run the camera stage, or set train.camera_frames: false")
+    held_out = sorted(f for f in val_dir.glob("*") if f.suffix.lower() in IMAGE_SUFFIXES) if val_dir.is_dir() else []
+    near_duplicates.check_disjoint(frames, held_out, near_duplicates.SAME_SCENE_BITS, what="camera evaluation")
+    for f in frames:
+        label = camera_labelled / "labels" / "train" / f"{f.stem}.txt"
+        if not label.is_file():
+            raise DatasetError(f"{f} has no label file {label}; re-run the camera stage (dvc repro camera)")
+        shutil.copyfile(f, dataset / "images" / "train" / f"camera_{f.name}")
+        shutil.copyfile(label, dataset / "labels" / "train" / f"camera_{f.stem}.txt")
+    return len(frames)
+
+
+def train(dataset_yaml: Path, weights_out: Path, p: TrainParams, base: BaseParams,
+          augment: CameraAugment | None = None, camera_labelled: Path | None = None) -> TrainResult:
+    """Train YOLOv8n on the dataset described by `dataset_yaml`; write weights to `weights_out`.
+
+    `augment` (see `camera_augment`) renders training images through the deployment cameras;
+    `camera_labelled` (with train.camera_frames) adds its train split (`add_camera_frames`).
+    """
     if not dataset_yaml.is_file():
         raise ValueError(f"{dataset_yaml} not found; run the data stage first (dvc repro data)")
     import torch
@@ -150,6 +224,10 @@ def train(dataset_yaml: Path, weights_out: Path, p: TrainParams, base: BaseParam
         # Train on a copy: Ultralytics writes labels/*.cache beside the labels it reads.
         data_copy = work / "dataset"
         shutil.copytree(dataset_yaml.parent, data_copy)
+        if p.camera_frames:
+            n = add_camera_frames(data_copy, camera_labelled or paths.CAMERA_LABELLED)
+            print(f"train: + {n} labelled camera frames (checked disjoint from the camera evaluation split)",
+                  flush=True)
         model = ultralytics.YOLO(model_spec(p, work))
 
         def on_fit_epoch_end(trainer: Any) -> None:
@@ -169,10 +247,13 @@ def train(dataset_yaml: Path, weights_out: Path, p: TrainParams, base: BaseParam
         model.add_callback("on_pretrain_routine_start", on_pretrain_routine_start)
         model.add_callback("on_fit_epoch_end", on_fit_epoch_end)
         start = time.monotonic()
+        trainer_cls = camera_matched_trainer(augment) if augment is not None else None
         model.train(data=str(data_copy / "dataset.yaml"), project=str(work / "runs"), name="train",
-                    exist_ok=True, **_train_kwargs(p, base))
+                    exist_ok=True, trainer=trainer_cls, **_train_kwargs(p, base))
         seconds = time.monotonic() - start
         trainer = model.trainer
+        if not rows:
+            rows = _epoch_rows_from_csv(Path(trainer.save_dir) / "results.csv")
         best = Path(trainer.best)
         if not best.is_file():
             raise RuntimeError(f"Ultralytics finished without writing {best}; see its log above")
@@ -200,6 +281,8 @@ def write_epochs_csv(rows: list[dict[str, float]], path: Path) -> None:
 parse_args = stage_cli(
     "train", __doc__,
     data=paths.DATASET_YAML,
+    profiles=(paths.CAMERA_PROFILES, "camera profiles (stage camera_profile), read when train.camera_match.enabled"),
+    camera_labelled=(paths.CAMERA_LABELLED, "labelled camera frames (stage camera), read when train.camera_frames"),
     out=paths.WEIGHTS,
     metrics=paths.TRAIN_METRICS,
     epochs_csv=paths.TRAIN_EPOCHS,
@@ -210,8 +293,13 @@ def main(argv: list[str] | None = None) -> None:
     """Run the stage: train, write weights + metrics + per-epoch curve, log one MLflow run."""
     args = parse_args(argv)
     base, p = stage_params(args, "base", "train")
-    with stage_run("train", base, p, tags=lineage_tags(dataset=args.data.parent)):
-        result = train(args.data, args.out, p, base)
+    augment = camera_augment(p, args.profiles)  # a missing profile fails before any training
+    tags = {"train_device": str(p.device), **lineage_tags(dataset=args.data.parent)}
+    if augment is not None:
+        tags.update(camera_match=", ".join(c.id for c in augment.cameras),
+                    **lineage_tags(camera_profiles=args.profiles))
+    with stage_run("train", base, p, tags=tags):
+        result = train(args.data, args.out, p, base, augment, args.camera_labelled)
         metrics = {
             "precision": round(result.precision, 6),
             "recall": round(result.recall, 6),

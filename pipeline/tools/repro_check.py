@@ -92,7 +92,8 @@ def tiny_params(params: Mapping[str, Any]) -> dict[str, Any]:
         p["quantize"].update(eval_images=8, latency_warmup=2, latency_runs=5, latency_rounds=3,
                              candidates=[cands[0], other] if other else cands[:2], max_map_drop=0.5)
     if "camera" in p:  # deployment-camera frames and calibration sets
-        p["camera"]["synthetic"].update(scenes_per_camera=4, burst_length=3, labelled_images=6)
+        p["camera"]["synthetic"].update(scenes_per_camera=4, burst_length=3, labelled_images=6,
+                                        labelled_train_images=3)
     if "calibrate" in p:
         p["calibrate"].update(imgsz=64, size=6)
     if "evaluate" in p:  # 64 = export.imgsz above; benchmark's 96 is exported in-run
@@ -125,6 +126,7 @@ class CheckResult:
     differences: list[Difference] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     modes: dict[str, str] = field(default_factory=dict)  # stage -> bit-exact | tolerant | ...
+    ran_on: str = ""  # train.device and the CPU: what "bit-exact" was shown for
 
     @property
     def ok(self) -> bool:
@@ -133,7 +135,8 @@ class CheckResult:
 
     def render(self) -> str:
         """A readable report: per stage how it was compared, then each difference and each note."""
-        lines = ["repro-check: stages compared:"]
+        lines = [f"repro-check: ran on {self.ran_on}"] if self.ran_on else []
+        lines.append("repro-check: stages compared:")
         lines += [f"  {stage:<12} {mode}" for stage, mode in self.modes.items()]
         for note in self.notes:
             lines.append(f"note: {note}")
@@ -483,7 +486,34 @@ def check(source: Path, workdir: Path, cfg: ReproCheckParams, *, stages: Sequenc
         log(f"repro-check: run {i}: dvc repro {' '.join(stages) or '(all stages)'} in {ws}", flush=True)
         log(f"repro-check: run {i} took {run_repro(ws, stages):.0f} s", flush=True)
         runs.append(ws)
-    return compare_runs(runs[0], runs[1], cfg)
+    result = compare_runs(runs[0], runs[1], cfg)
+    result.ran_on = ran_on(runs[0] / PARAMS_FILE)
+    return result
+
+
+def ran_on(params_path: Path) -> str:
+    """Where the check's training ran: `train.device` and this machine's CPU model and SIMD level.
+
+    Training is bit-reproducible per CPU type on the CPU; on a GPU cuDNN kernels are not
+    bit-exact (docs/reproducibility.md), so a check is only as wide as the device it ran on.
+    """
+    device = "cpu"
+    try:
+        device = str((yaml.safe_load(params_path.read_text()) or {}).get("train", {}).get("device", "cpu"))
+    except (OSError, yaml.YAMLError):
+        pass
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown CPU":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    simd = ", ".join(f for f in ("avx512_vnni", "avx2") if f in flags) or "no AVX2"
+    return f"train.device={device}, {model} ({simd})"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -39,6 +39,7 @@ EXPERIMENT_KIND = "custom_model_development"
 LINEAGE_PRODUCERS: dict[str, str] = {
     "dataset_sha256": "data",
     "camera_frames_sha256": "camera",
+    "camera_profiles_sha256": "camera_profile",
     "weights_sha256": "train",
     "onnx_sha256": "export",
     "calibration_camera_sha256": "calibrate",
