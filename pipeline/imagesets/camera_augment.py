@@ -13,8 +13,8 @@ stay exact through the stretch.
 and `jitter` varies exposure, white balance, blur and noise per image (relative, uniform), so
 the model sees a neighbourhood of each camera rather than one point estimate of it.
 
-Randomness comes from Python's `random` module, which Ultralytics seeds per dataloader worker
-from `base.seed` (`seed_worker`), so a training run with the augmentation on stays
+Randomness comes from Python's `random` module, which Ultralytics seeds from `base.seed` (and per
+dataloader worker, `seed_worker`), so a training run with the augmentation on stays
 bit-reproducible per CPU type.
 """
 
@@ -116,12 +116,42 @@ def scaled(cam: ProfiledCamera, strength: float, rng: random.Random,
     return model, exposure, wb
 
 
+class NoiseBank:
+    """Standard-normal noise fields, drawn once per camera size and handed out as random crops.
+
+    Drawing 320x240x3 normal deviates per image was half of a render's time, and the dataloader
+    runs in the training process on a CPU (Ultralytics sets workers=0 there), so it was epoch
+    time. A crop at a random offset of a field twice the frame's size, randomly flipped, is
+    noise the model cannot learn: the offsets alone give about 80 000 different fields.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed, self._fields = seed, {}  # type: dict[tuple[int, int], np.ndarray]
+
+    def crop(self, height: int, width: int, rng: random.Random) -> np.ndarray:
+        """A (height, width, 3) float32 standard-normal field (a fresh copy: the caller may write it)."""
+        field = self._fields.get((height, width))
+        if field is None:
+            gen = np.random.default_rng([self.seed, height, width])
+            field = self._fields[(height, width)] = gen.standard_normal((2 * height, 2 * width, 3), np.float32)
+        y, x = rng.randrange(height), rng.randrange(width)
+        out = field[y:y + height, x:x + width]
+        if rng.random() < 0.5:
+            out = out[::-1]
+        if rng.random() < 0.5:
+            out = out[:, ::-1]
+        return np.ascontiguousarray(out)  # a copy: camera_frame scales it in place
+
+
+_BANK = NoiseBank()
+
+
 def render_through(img: np.ndarray, cam: ProfiledCamera, strength: float, jitter: float, long_side: int,
                    rng: random.Random) -> np.ndarray:
     """BGR uint8 `img` as camera `cam` would deliver it, resized to `long_side` (the detector's letterbox)."""
     model, exposure, wb = scaled(cam, strength, rng, jitter)
-    noise = np.random.default_rng(rng.getrandbits(64))
-    frame = camera_frame(img, model, noise, exposure, wb, (0.0, 0.0))
+    noise = _BANK.crop(cam.height, cam.width, rng)
+    frame = camera_frame(img, model, np.random.default_rng(0), exposure, wb, (0.0, 0.0), noise)
     if model.jpeg_quality < 100:
         frame = decode_jpeg(encode_jpeg(frame, model.jpeg_quality))
     h, w = frame.shape[:2]
@@ -131,11 +161,7 @@ def render_through(img: np.ndarray, cam: ProfiledCamera, strength: float, jitter
 
 
 class CameraAugment:
-    """Ultralytics label-dict transform: renders `label["img"]` through a random profiled camera.
-
-    Applied where the dataset hands out an image (`get_image_and_label`), before mosaic and the
-    geometric augmentation, so the camera acts at its own resolution, as it does on the line.
-    """
+    """Renders a training image through a random profiled camera, with probability `probability`."""
 
     def __init__(self, cameras: Sequence[ProfiledCamera], probability: float, strength: float, jitter: float,
                  long_side: int) -> None:
@@ -143,31 +169,37 @@ class CameraAugment:
         self.strength, self.jitter, self.long_side = strength, jitter, long_side
         self.applied = 0
 
-    def __call__(self, label: dict[str, Any]) -> dict[str, Any]:
-        """Render the image of `label` (in place) with probability `probability`; return `label`."""
+    def __call__(self, img: np.ndarray) -> np.ndarray:
+        """`img` (BGR uint8) rendered through one of the cameras, or `img` itself."""
         if not self.cameras or random.random() >= self.probability:
-            return label
+            return img
         cam = self.cameras[random.randrange(len(self.cameras))]
         # A per-image generator drawn from the worker-seeded `random`: reproducible, and the
         # draw does not depend on how many numbers the camera model consumed before.
         rng = random.Random(random.getrandbits(64))
-        img = render_through(label["img"], cam, self.strength, self.jitter, self.long_side, rng)
-        label["img"] = img
-        label["resized_shape"] = img.shape[:2]
         self.applied += 1
-        return label
+        return render_through(img, cam, self.strength, self.jitter, self.long_side, rng)
 
 
 def wrap_dataset(dataset: Any, augment: CameraAugment) -> None:
-    """Make `dataset` (an Ultralytics YOLODataset) hand out camera-rendered images.
+    """Make `dataset` (an Ultralytics YOLODataset) load camera-rendered images.
 
-    Mosaic and mixup fetch their extra images through `dataset.get_image_and_label` too, so
-    wrapping that one method covers every image a batch is built from; the dataset's image
-    buffer keeps the unrendered image, so each use draws a fresh camera.
+    The hook is `load_image`, where an image is read from disk: Ultralytics keeps the loaded image
+    in a buffer from which mosaic draws its other three tiles, so the rendered image is stored
+    there and reused like the raw one would be, and an epoch renders about one image per
+    training image instead of one per tile (the dataloader runs in the training process on a
+    CPU, so every render is epoch time). The rendered image has the camera's aspect ratio, with
+    the long side at the training size; YOLO labels are normalised, so they stay exact.
     """
-    original = dataset.get_image_and_label
+    original = dataset.load_image
 
-    def get_image_and_label(index: int) -> dict[str, Any]:
-        return augment(original(index))
+    def load_image(i: int, *args: Any, **kwargs: Any) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+        if dataset.ims[i] is not None:  # in the buffer: already rendered (or left as is) when it was loaded
+            return original(i, *args, **kwargs)
+        im, hw0, _ = original(i, *args, **kwargs)
+        out = augment(im)
+        if dataset.ims[i] is im:  # buffered for mosaic: keep the rendered image there
+            dataset.ims[i], dataset.im_hw[i] = out, out.shape[:2]
+        return out, hw0, out.shape[:2]
 
-    dataset.get_image_and_label = get_image_and_label
+    dataset.load_image = load_image
