@@ -553,6 +553,23 @@ class CameraParams(ParamsModel):
         return self
 
 
+class CameraProfileParams(ParamsModel):
+    """Stage `camera_profile`: how much of each camera and of the training set the profiles are estimated from."""
+
+    frames_per_camera: int = Field(ge=0)  # frames sampled evenly per camera folder (sorted names); 0 = all
+    reference_images: int = Field(ge=1)  # training images sampled evenly: the reference look (exposure 1, no cast)
+    render_images: int = Field(ge=2)  # of those, rendered through each candidate camera model (analysis by synthesis)
+    max_blur_px: float = Field(ge=2.0, le=32.0)  # largest motion streak (px) / defocus radius the blur search tries
+    grid_cells: int = Field(ge=4, le=128)  # blocks along a frame's long side for the gains + vignetting fit
+
+    @model_validator(mode="after")
+    def _renders_from_the_references(self) -> CameraProfileParams:
+        if self.render_images > self.reference_images:
+            raise rule("render_images", f"({self.render_images}) must be <= camera_profile.reference_images "
+                                        f"({self.reference_images}): the renders are a subset of the reference images")
+        return self
+
+
 class CalibrateParams(ParamsModel):
     """Stage `calibrate`: dedup, diverse selection and preprocessing of the calibration sets."""
 
@@ -770,6 +787,7 @@ class ParamsFile(ParamsModel):
     train: TrainParams
     export: ExportParams
     camera: CameraParams
+    camera_profile: CameraProfileParams
     calibrate: CalibrateParams
     quantize: QuantizeParams
     evaluate: EvaluateParams

@@ -31,6 +31,7 @@ from pipeline.config.params import (
     BenchmarkParams,
     CalibrateParams,
     CameraParams,
+    CameraProfileParams,
     DataParams,
     EvaluateParams,
     ExportParams,
@@ -43,8 +44,8 @@ from pipeline.config.params import (
 # The params.yaml sections a stage may read, with the schema each is validated against.
 SECTION_SCHEMAS: Mapping[str, type] = {
     "base": BaseParams, "data": DataParams, "train": TrainParams, "export": ExportParams, "camera": CameraParams,
-    "calibrate": CalibrateParams, "quantize": QuantizeParams, "evaluate": EvaluateParams,
-    "benchmark": BenchmarkParams, "report": ReportParams,
+    "camera_profile": CameraProfileParams, "calibrate": CalibrateParams, "quantize": QuantizeParams,
+    "evaluate": EvaluateParams, "benchmark": BenchmarkParams, "report": ReportParams,
 }
 
 PathOption = Union[Path, "tuple[Path, str]"]  # a default, or (default, help text)

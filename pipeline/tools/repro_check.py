@@ -94,6 +94,8 @@ def tiny_params(params: Mapping[str, Any]) -> dict[str, Any]:
     if "camera" in p:  # deployment-camera frames and calibration sets
         p["camera"]["synthetic"].update(scenes_per_camera=4, burst_length=3, labelled_images=6,
                                         labelled_train_images=3)
+    if "camera_profile" in p:  # a few frames and references: the fit's cost grows with both
+        p["camera_profile"].update(frames_per_camera=8, reference_images=8, render_images=4)
     if "calibrate" in p:
         p["calibrate"].update(imgsz=64, size=6)
     if "evaluate" in p:  # 64 = export.imgsz above; benchmark's 96 is exported in-run
