@@ -292,6 +292,19 @@ def evaluate_session(session: Any, items: Sequence[Labelled], class_names: Seque
     return accuracy_from_stats(stats, class_names), ms
 
 
+def bootstrap_indices(n: int, resamples: int, seed: int) -> list[np.ndarray]:
+    """The image indices of each of `resamples` bootstrap resamples of `n` images, seeded: what
+    `paired_bootstrap_map` draws, so a caller can score one side once and pair it with many."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, n, n) for _ in range(resamples)]
+
+
+def resampled_map50_95(stats: Sequence[ImageStats], class_names: Sequence[str],
+                       indices: Sequence[np.ndarray]) -> np.ndarray:
+    """mAP50-95 of `stats` on each resample in `indices` (from `bootstrap_indices`)."""
+    return np.array([accuracy_from_stats([stats[i] for i in idx], class_names).map50_95 for idx in indices])
+
+
 def paired_bootstrap_map(a: Sequence[ImageStats], b: Sequence[ImageStats], class_names: Sequence[str],
                          resamples: int, seed: int) -> dict[str, float]:
     """mAP50-95(a) - mAP50-95(b) on the same images, with a 95% paired-bootstrap interval.
@@ -301,12 +314,8 @@ def paired_bootstrap_map(a: Sequence[ImageStats], b: Sequence[ImageStats], class
     """
     if len(a) != len(b) or not a:
         raise ValueError(f"paired bootstrap needs the same non-empty image list for both models ({len(a)} vs {len(b)})")
-    rng = np.random.default_rng(seed)
-    diffs = []
-    for _ in range(resamples):
-        idx = rng.integers(0, len(a), len(a))
-        diffs.append(accuracy_from_stats([a[i] for i in idx], class_names).map50_95
-                     - accuracy_from_stats([b[i] for i in idx], class_names).map50_95)
+    idx = bootstrap_indices(len(a), resamples, seed)
+    diffs = resampled_map50_95(a, class_names, idx) - resampled_map50_95(b, class_names, idx)
     lo, hi = np.percentile(diffs, [2.5, 97.5])
     full = accuracy_from_stats(a, class_names).map50_95 - accuracy_from_stats(b, class_names).map50_95
     return {"diff": float(full), "ci_low": float(lo), "ci_high": float(hi), "images": len(a), "resamples": resamples}

@@ -626,7 +626,7 @@ class EarlyStopParams(ParamsModel):
     """`quantize.early_stop`: stop scoring a candidate once its drop interval lies wholly above the gate.
 
     A sequential test with repeated looks, so each look's interval is wider than the CSV's 95 %
-    (docs/int8-and-calibration.md, "Early stop"). Candidates that pass are always scored in full.
+    (docs/int8-and-calibration.md, "Early stop"). Candidates that pass have always been scored in full.
     """
 
     enabled: bool
