@@ -481,17 +481,27 @@ def render_markdown(r: Report, p: ReportParams, q: QuantizeParams, plots_rel: st
               "| candidate | mAP50-95 | drop (95% interval) | camera mAP50-95 | camera drop (95% interval) "
               "| latency ms | speed-up | size MB | passed |", "|---|---|---|---|---|---|---|---|---|"]
     for c in r.candidates:
-        lines.append(f"| {c['name']} | {c['mAP50-95']} | {_drop(c, 'drop')} | {c.get('mAP50-95_camera') or '-'} | "
-                     f"{_drop(c, 'drop_camera')} | {c['latency_ms']} | {c['speedup']} | {c['size_mb']} | "
-                     f"{c['passed']} |")
+        lines.append(f"| {c['name']} | {c['mAP50-95'] or '-'} | {_drop(c, 'drop', 'val')} | "
+                     f"{c.get('mAP50-95_camera') or '-'} | {_drop(c, 'drop_camera', 'camera')} | {c['latency_ms']} | "
+                     f"{c['speedup']} | {c['size_mb']} | {c['passed']} |")
+    if any(c.get("stopped_early") in ("yes", "True", "true") for c in r.candidates):
+        lines += ["", "*stopped*: quantize's statistical early stop (docs/int8-and-calibration.md): the candidate's "
+                  "drop interval on the images scored so far lay wholly above the gate, so it was not scored on the "
+                  "rest; the figure is that partial estimate, not a whole-split one."]
     lines += ["", "## Models", "", "| model | sha256 |", "|---|---|"]
     lines += [f"| {name} | `{sha[:16]}` |" for name, sha in sorted(r.model_shas.items())]
     lines += ["", "Walk any MLflow run back to its data with `python -m pipeline.tools.lineage RUN_ID`.", ""]
     return "\n".join(lines)
 
 
-def _drop(row: Mapping[str, str], key: str) -> str:
-    """A candidates.csv drop with its bootstrap interval when the row has one ("-" when empty)."""
+def _drop(row: Mapping[str, str], key: str, split: str) -> str:
+    """A candidates.csv drop with its bootstrap interval when the row has one ("-" when empty).
+
+    A candidate quantize stopped early on `split` shows its partial estimate, marked as such.
+    """
+    if row.get("stop_split") == split and row.get("stop_partial_drop"):
+        return (f"*stopped* after {row.get('stop_images')} images: {row['stop_partial_drop']} "
+                f"[{row.get('stop_ci_low')}, {row.get('stop_ci_high')}] ({row.get('stop_level')})")
     value = row.get(key) or ""
     low, high = row.get(f"{key}_ci_low") or "", row.get(f"{key}_ci_high") or ""
     if not value:
