@@ -81,8 +81,9 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny_model")
     os.environ.setdefault("YOLO_CONFIG_DIR", str(root / "yolo"))
     params = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()))
-    # Trained before any camera frames exist; camera-matched training: tests/test_train_camera.py.
+    # Trained before any camera frames exist; training with them: tests/test_train_camera.py.
     params["train"]["camera_match"]["enabled"] = False
+    params["train"]["camera_frames"] = False
     params_path = root / "params.yaml"
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     with mlflow_store(root):

@@ -81,6 +81,9 @@ def tiny_params(params: Mapping[str, Any]) -> dict[str, Any]:
     p: dict[str, Any] = copy.deepcopy(dict(params))
     p["data"]["synthetic"].update(train_images=24, val_images=8, test_images=4, image_size=96)
     p["train"].update(imgsz=64, epochs=1, batch=8, nbs=8, workers=0, close_mosaic=0)
+    if "camera_match" in p["train"]:  # both camera paths of train run, so the check holds them bit-exact
+        p["train"]["camera_match"]["enabled"] = True
+        p["train"]["camera_frames"] = True
     p["export"].update(imgsz=64, parity_images=2)
     if "quantize" in p:
         # Two candidates with different activation types (U8 vs S8: different kernels), timed over
