@@ -159,7 +159,8 @@ def test_ingest_video_sampled_at_rate(tmp_path: Path, repo_params: dict, train_y
     assert cv2.imread(str(out / "frames" / "jetson-1" / names[1])).shape == (64, 96, 3)
 
 
-def test_ingest_labelled_folder(tmp_path: Path, repo_params: dict, train_yaml: Path) -> None:
+def _labelled_source(tmp_path: Path) -> Path:
+    """An ingest folder with one camera (one frame) and an empty labelled YOLO folder beside it."""
     src = tmp_path / "camera" / "pi-a"
     src.mkdir(parents=True)
     cv2.imwrite(str(src / "f.png"), _frame(1))
@@ -167,6 +168,11 @@ def test_ingest_labelled_folder(tmp_path: Path, repo_params: dict, train_yaml: P
     (lab / "images").mkdir(parents=True)
     (lab / "labels").mkdir()
     (lab / "data.yaml").write_text(yaml.safe_dump({"names": list(CLASS_NAMES)}))
+    return lab
+
+
+def test_ingest_labelled_folder(tmp_path: Path, repo_params: dict, train_yaml: Path) -> None:
+    lab = _labelled_source(tmp_path)
     cv2.imwrite(str(lab / "images" / "a.jpg"), _frame(2))
     (lab / "labels" / "a.txt").write_text("5 0.5 0.5 0.2 0.3\n")
     out = tmp_path / "out"
@@ -287,13 +293,7 @@ def test_synthetic_labelled_train_split_is_other_scenes(tmp_path: Path, repo_par
 def test_ingest_labelled_train_fraction_keeps_bursts_together(tmp_path: Path, repo_params: dict,
                                                               train_yaml: Path) -> None:
     """Ingested labelled frames split into train/val by near-duplicate group: every burst lands on one side."""
-    src = tmp_path / "camera" / "pi-a"
-    src.mkdir(parents=True)
-    cv2.imwrite(str(src / "f.png"), _frame(1))
-    lab = tmp_path / "labelled_src"
-    (lab / "images").mkdir(parents=True)
-    (lab / "labels").mkdir()
-    (lab / "data.yaml").write_text(yaml.safe_dump({"names": list(CLASS_NAMES)}))
+    lab = _labelled_source(tmp_path)
     rng = np.random.default_rng(0)
     cfg = camera.generator_config(_params(repo_params)[1])
     for scene in range(8):  # 8 scenes x 3 frames each, the frames of a scene a pixel apart plus noise
