@@ -92,10 +92,11 @@ def camera_scenes(on: tuple[str, ...], count: int,
             if "jpeg" in on:
                 img = decode_jpeg(encode_jpeg(img, cam.jpeg_quality))
         h, w = img.shape[:2]
-        yolo = np.array([b.yolo(cfg.image_size, cfg.image_size)[1:] for b in boxes], np.float64).reshape(-1, 4)
+        rows = np.array([b.yolo(cfg.image_size, cfg.image_size) for b in boxes], np.float64).reshape(-1, 5)
+        yolo = rows[:, 1:]
         xyxy = np.stack([(yolo[:, 0] - yolo[:, 2] / 2) * w, (yolo[:, 1] - yolo[:, 3] / 2) * h,
                          (yolo[:, 0] + yolo[:, 2] / 2) * w, (yolo[:, 1] + yolo[:, 3] / 2) * h], 1)
-        classes = np.array([b.yolo(cfg.image_size, cfg.image_size)[0] for b in boxes], np.int64)
+        classes = rows[:, 0].astype(np.int64)
         yield img, xyxy, classes
 
 

@@ -151,7 +151,7 @@ def render_through(img: np.ndarray, cam: ProfiledCamera, strength: float, jitter
     """BGR uint8 `img` as camera `cam` would deliver it, resized to `long_side` (the detector's letterbox)."""
     model, exposure, wb = scaled(cam, strength, rng, jitter)
     noise = _BANK.crop(cam.height, cam.width, rng)
-    frame = camera_frame(img, model, np.random.default_rng(0), exposure, wb, (0.0, 0.0), noise)
+    frame = camera_frame(img, model, None, exposure, wb, (0.0, 0.0), noise)
     if model.jpeg_quality < 100:
         frame = decode_jpeg(encode_jpeg(frame, model.jpeg_quality))
     h, w = frame.shape[:2]

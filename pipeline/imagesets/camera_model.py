@@ -59,14 +59,14 @@ def vignette(height: int, width: int, strength: float) -> np.ndarray:
     return (1.0 - strength * r2 / 2.0).astype(np.float32)  # r2 is 2 in the corners
 
 
-def camera_frame(scene: np.ndarray, cam: CameraModel, rng: np.random.Generator,
+def camera_frame(scene: np.ndarray, cam: CameraModel, rng: np.random.Generator | None,
                  exposure: float, wb_gains: np.ndarray, shift_xy: tuple[float, float],
                  noise: np.ndarray | None = None) -> np.ndarray:
     """Render the square BGR uint8 `scene` as camera `cam` would deliver it (BGR uint8, H x W).
 
     `exposure` and `wb_gains` are this scene's (jittered) values; `shift_xy` moves the scene
     by sub-pixel amounts (vibration between frames of a burst). Noise is drawn from `rng`, or
-    taken from `noise` (standard normal, float32, cam.height x cam.width x 3; overwritten), which
+    (`rng` None) taken from `noise` (standard normal, float32, cam.height x cam.width x 3; overwritten), which
     lets the training augmentation reuse a bank of noise fields instead of drawing one per image.
     Box labels stay exact: the resize is of the whole frame, so normalised YOLO coordinates
     are unchanged, and the shift is only used for unlabelled frames.
@@ -91,6 +91,8 @@ def camera_frame(scene: np.ndarray, cam: CameraModel, rng: np.random.Generator,
     sigma += np.float32(cam.read_noise**2)
     np.sqrt(sigma, out=sigma)
     if noise is None:
+        if rng is None:
+            raise ValueError("camera_frame needs a generator or a noise field")
         noise = rng.standard_normal(img.shape, dtype=np.float32)
     elif noise.shape != img.shape:
         raise ValueError(f"noise field is {noise.shape}, the frame {img.shape}")

@@ -29,7 +29,7 @@ from pipeline.config.stage_cli import run_stage, stage_cli, stage_params
 from pipeline.config.ultralytics_env import import_ultralytics
 from pipeline.imagesets import near_duplicates
 from pipeline.imagesets.camera_augment import CameraAugment, load_profiles, wrap_dataset
-from pipeline.imagesets.yolo import IMAGE_SUFFIXES, DatasetError
+from pipeline.imagesets.yolo import DatasetError, iter_split_files
 from pipeline.tracking.mlflow_runs import (
     lineage_tags,
     log_artifact,
@@ -188,20 +188,19 @@ def add_camera_frames(dataset: Path, camera_labelled: Path) -> int:
     frame of the camera evaluation split, which would make the camera mAP measure memory.
     Returns the number of frames added.
     """
-    train_dir, val_dir = camera_labelled / "images" / "train", camera_labelled / "images" / "val"
-    frames = sorted(f for f in train_dir.glob("*") if f.suffix.lower() in IMAGE_SUFFIXES) if train_dir.is_dir() else []
-    if not frames:
-        raise DatasetError(f"train.camera_frames is on but {train_dir} has no frames: set "
+    pairs = list(iter_split_files(camera_labelled, "train"))
+    if not pairs:
+        raise DatasetError(f"train.camera_frames is on but {camera_labelled / 'images' / 'train'} has no frames: set "
                            "camera.synthetic.labelled_train_images (synthetic) or camera.labelled_train_fraction "
                            "(ingest) and re-run the camera stage, or set train.camera_frames: false")
-    held_out = sorted(f for f in val_dir.glob("*") if f.suffix.lower() in IMAGE_SUFFIXES) if val_dir.is_dir() else []
+    frames = [image for image, _ in pairs]
+    held_out = [image for image, _ in iter_split_files(camera_labelled, "val")]
     near_duplicates.check_disjoint(frames, held_out, near_duplicates.SAME_SCENE_BITS, what="camera evaluation")
-    for f in frames:
-        label = camera_labelled / "labels" / "train" / f"{f.stem}.txt"
+    for image, label in pairs:
         if not label.is_file():
-            raise DatasetError(f"{f} has no label file {label}; re-run the camera stage (dvc repro camera)")
-        shutil.copyfile(f, dataset / "images" / "train" / f"camera_{f.name}")
-        shutil.copyfile(label, dataset / "labels" / "train" / f"camera_{f.stem}.txt")
+            raise DatasetError(f"{image} has no label file {label}; re-run the camera stage (dvc repro camera)")
+        shutil.copyfile(image, dataset / "images" / "train" / f"camera_{image.name}")
+        shutil.copyfile(label, dataset / "labels" / "train" / f"camera_{image.stem}.txt")
     return len(frames)
 
 
