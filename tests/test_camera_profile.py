@@ -139,8 +139,8 @@ def test_profiles_document(profiled: dict[str, Any]) -> None:
 
     loaded = {c.id: c for c in load_profiles(profiled["out"])}
     assert sorted(loaded) == sorted(doc["cameras"])
-    cam = ce.EstimatedCamera(**{**doc["cameras"]["line1-pi"]["model"],
-                                "wb_gains": tuple(doc["cameras"]["line1-pi"]["model"]["wb_gains"])})
+    cam = loaded["line1-pi"].model
+    assert cam.as_dict() == doc["cameras"]["line1-pi"]["model"]  # written and read as the same CameraSettings
     scene = cv2.imread(str(next((profiled["root"] / "defects" / "images" / "train").iterdir())))
     frame = ce.render_references([scene], cam, (0,))[0]
     assert frame.shape == (cam.height, cam.width, 3)

@@ -1,14 +1,12 @@
-"""End to end: one `dvc repro` in a temporary workspace of the repo with tiny params.
+"""End to end: the tiny pipeline's first `dvc repro` from clean, in a temporary workspace of the repo.
 
 Real DVC, real Ultralytics training (1 epoch, 64 px), real ONNX export and parity check, real
 MLflow (a SQLite store in the workspace). Checks: every declared output exists; one MLflow run per
 stage execution and no stray Ultralytics run; `dvc status` is clean; a second `dvc repro` runs
-nothing. Whether a second run *from clean* reproduces the first is the reproducibility check's job
-(`make repro-check`, `pipeline/tools/repro_check.py`, run by CI after the tests): it runs the pipeline
-twice in fresh workspaces, so this test does not run it a second time (CI time).
-
-The workspace is built by the check's own `prepare_workspace` (the working tree, tiny params, a
-fresh git repository and DVC cache) and runs with its `run_env`, so both exercise the same setup.
+nothing. The workspace is run 1 of the reproducibility check's session fixture (`tiny_repro`,
+tests/tiny_repro.py: the check's own `prepare_workspace` and `run_env`, the pipeline twice from
+clean, compared), so the pipeline is not run a third time for these tests (CI time); whether run
+2 reproduced it is tests/test_repro_check.py's `test_the_tiny_pipeline_reproduces`.
 """
 
 from __future__ import annotations
@@ -16,15 +14,20 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 import pytest
 import yaml
-from support import REPO, run_checked
+from support import run_checked
 
-from pipeline.tools.repro_check import prepare_workspace, run_env
+from pipeline.tools.repro_check import run_env
 
 pytestmark = pytest.mark.slow
+pytest_plugins = ["tiny_repro"]
+
+if TYPE_CHECKING:
+    from tiny_repro import TinyRepro
 
 
 def _lock_hashes(repo: Path) -> dict[str, dict[str, str]]:
@@ -33,8 +36,8 @@ def _lock_hashes(repo: Path) -> dict[str, dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return prepare_workspace(REPO, tmp_path_factory.mktemp("e2e") / "repo", from_head=False)
+def repo(tiny_repro: TinyRepro) -> Path:
+    return tiny_repro.run1
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +45,7 @@ def env(repo: Path) -> dict[str, str]:
     return run_env(repo)  # MLflow store and Ultralytics config inside the workspace; this venv's python
 
 
-@pytest.fixture(scope="module")
-def first_repro(repo: Path, env: dict[str, str]) -> str:
-    return run_checked(["dvc", "repro"], repo, env)
-
-
-def test_outputs_and_metrics(repo: Path, first_repro: str) -> None:
+def test_outputs_and_metrics(repo: Path) -> None:
     for out in ("data/defects/dataset.yaml", "models/yolov8n.pt", "models/yolov8n.onnx",
                 "reports/data/metrics.json", "reports/train/metrics.json", "reports/train/epochs.csv",
                 "reports/export/metrics.json",
@@ -90,7 +88,7 @@ def test_outputs_and_metrics(repo: Path, first_repro: str) -> None:
     assert not list((repo / "data/defects/labels").glob("*.cache")), "label cache written into a DVC output"
 
 
-def test_dvc_metrics_are_the_headline_numbers(repo: Path, first_repro: str, env: dict[str, str]) -> None:
+def test_dvc_metrics_are_the_headline_numbers(repo: Path, env: dict[str, str]) -> None:
     """`dvc metrics show` lists 13 numbers (was ~360 over nine files), each equal to the stage's full record."""
     proc = subprocess.run(["dvc", "metrics", "show", "--json"], cwd=repo, env=env, capture_output=True, text=True,
                           timeout=120, check=True)
@@ -116,7 +114,7 @@ def test_dvc_metrics_are_the_headline_numbers(repo: Path, first_repro: str, env:
     assert len(table) == 1 + 4, table  # header + one row per headline file
 
 
-def test_onnx_metadata(repo: Path, first_repro: str) -> None:
+def test_onnx_metadata(repo: Path) -> None:
     import onnx
 
     from edge_runtime.fileio import sha256_file
@@ -127,7 +125,7 @@ def test_onnx_metadata(repo: Path, first_repro: str) -> None:
     assert "crazing" in meta["names"] and meta["imgsz"] == "[64, 64]" and meta["stride"] == "32"
 
 
-def test_one_mlflow_run_per_stage(repo: Path, first_repro: str, env: dict[str, str]) -> None:
+def test_one_mlflow_run_per_stage(repo: Path, env: dict[str, str]) -> None:
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
     exps = client.search_experiments()
     # The report's summary run has nested runs (one per variant/device) for the compare view.
@@ -145,7 +143,7 @@ def test_one_mlflow_run_per_stage(repo: Path, first_repro: str, env: dict[str, s
     assert export.data.tags["weights_sha256"] == train.data.tags["model_sha256"]
 
 
-def test_lineage_tags_consistent_across_stages(repo: Path, first_repro: str, env: dict[str, str]) -> None:
+def test_lineage_tags_consistent_across_stages(repo: Path, env: dict[str, str]) -> None:
     """Every stage run names what it consumed/produced by sha256, and the values agree across stages."""
     from pipeline.tracking.mlflow_runs import walk_lineage
 
@@ -171,7 +169,7 @@ def test_lineage_tags_consistent_across_stages(repo: Path, first_repro: str, env
     assert {"report", "quantize", "export", "train", "data", "calibrate", "camera"} <= set(chain), chain
 
 
-def test_status_clean_and_second_repro_is_noop(repo: Path, env: dict[str, str], first_repro: str) -> None:
+def test_status_clean_and_second_repro_is_noop(repo: Path, env: dict[str, str]) -> None:
     status = run_checked(["dvc", "status"], repo, env)
     assert "up to date" in status, status
     before = _lock_hashes(repo)

@@ -1,9 +1,10 @@
 """The MLflow UI of a real tracking server, opened in headless Chromium, on what the pipeline wrote.
 
-One session fixture runs the real pipeline on tiny params (`dvc repro` in a temp workspace made by
-the reproducibility check's helpers, as tests/test_e2e_repro.py does), logging to the session's
-test server; deploys its INT8 model to the `local` device group with `fab deploy --group local`,
-as `make run` does; and re-runs `dvc repro report`, which folds that device in. The tests then
+The pipeline's runs are those of the reproducibility check's second tiny run (the session fixture
+`tiny_repro`, tests/tiny_repro.py: `dvc repro` in a temp workspace, MLflow in its SQLite store).
+A module fixture copies that workspace, starts a real `mlflow server` on the copy's store, deploys
+its INT8 model to the `local` device group with `fab deploy --group local`, as `make run` does,
+and re-runs `dvc repro report`, which folds that device in: both log to the server over HTTP. The tests then
 open the pipeline experiment's runs page and the compare view of the latest report run's variant
 and device children, and check what the page shows: run names, metric names and values (the UI
 is a React app, so every check waits, bounded, for text to appear). Screenshots go to
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,19 +30,20 @@ import mlflow
 import pytest
 import yaml
 from browser import UI_TIMEOUT_S, artifacts_dir
-from support import REPO, free_port, run_checked
+from mlflow_server import MlflowServer, run_mlflow_server
+from support import free_port, run_checked
 
 from edge_runtime.supervisor import stop_supervisor
-from pipeline.tools.repro_check import prepare_workspace, run_env
+from pipeline.tools.repro_check import run_env
 from pipeline.tracking.mlflow_runs import DEFAULT_EXPERIMENT, EXPERIMENT_ENV
 
-# The session-scoped `mlflow_server` fixture, shared with test_mlflow_server.py (one server), and `browser`.
-pytest_plugins = ["mlflow_server", "browser"]
+# `browser`, and the session's tiny pipeline runs (shared with test_e2e_repro.py and test_repro_check.py).
+pytest_plugins = ["browser", "tiny_repro"]
 
 if TYPE_CHECKING:
-    from mlflow_server import MlflowServer
+    from tiny_repro import TinyRepro
 
-# Slow: the whole tiny pipeline runs once for this module (about 2 minutes on 2 cores).
+# Slow: the whole tiny pipeline, twice (the session's reproducibility check), unless another module ran it.
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 # MLflow 3.17 opens an experiment in its GenAI view unless the URL asks for model training (its
@@ -116,26 +119,30 @@ def _shown_as(value: float, shown: str) -> bool:
 
 @dataclass(frozen=True)
 class TinyPipeline:
-    """What the tiny pipeline wrote to the test server: its experiment and workspace."""
+    """What the tiny pipeline wrote and the server that shows it: its experiment and workspace."""
 
     experiment_id: str
     workspace: Path
     stages: list[str]  # dvc.yaml's stages: one top-level MLflow run each, plus the report's re-run
+    server: MlflowServer
 
 
-@pytest.fixture(scope="session")
-def tiny_pipeline(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyPipeline]:
-    """`dvc repro` on tiny params, `fab deploy --group local`, `dvc repro report`, all into the server.
+@pytest.fixture(scope="module")
+def tiny_pipeline(tiny_repro: TinyRepro, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyPipeline]:
+    """The check's run 2, copied; `mlflow server` on its store; `fab deploy --group local` and
+    `dvc repro report` into that server.
 
-    The deploy starts the device service under the runtime's supervisor, as `make run` does; it
-    listens on a free port (not the committed one a user's own service may hold) and is stopped
-    after the session.
+    A copy, so the check's workspaces stay as they ran (tests/test_repro_check.py compares them
+    again). The deploy starts the device service under the runtime's supervisor, as `make run`
+    does; it listens on a free port (not the committed one a user's own service may hold) and is
+    stopped after the module.
     """
     root = tmp_path_factory.mktemp("ui_pipeline")
-    ws = prepare_workspace(REPO, root / "repo", from_head=False)
-    env = {**run_env(ws), "MLFLOW_TRACKING_URI": mlflow_server.uri}
+    ws = root / "repo"
+    shutil.copytree(tiny_repro.run2, ws, symlinks=True)
+    env = run_env(ws)  # MLflow: the copy's SQLite store, until the server below holds it
     env.pop(EXPERIMENT_ENV, None)  # the pipeline's own experiment name, as a user gets it
-    run_checked(["dvc", "repro"], ws, env)
+    run_checked(["dvc", "config", "--local", "cache.dir", str(ws / ".dvc" / "cache")], ws, env)
     # The committed `local` group, pointed at a temp deploy dir and this Python (the workspace has
     # no .venv), with a short on-device benchmark.
     inventory = yaml.safe_load((ws / "inventory.yaml").read_text())
@@ -145,18 +152,23 @@ def tiny_pipeline(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPath
     local["defaults"]["service"]["http_port"] = free_port()
     inventory["groups"] = {"local": local}
     (root / "inventory.yaml").write_text(yaml.safe_dump(inventory, sort_keys=False))
-    try:
-        run_checked(["fab", "deploy", "--group", "local", "--inventory", str(root / "inventory.yaml")], ws, env)
-        run_checked(["dvc", "repro", "report"], ws, env)  # a new device result: the report runs again
-        exp = mlflow.MlflowClient(mlflow_server.uri).get_experiment_by_name(DEFAULT_EXPERIMENT)
-        assert exp is not None and exp.tags.get("mlflow.experimentKind") == "custom_model_development"
-        yield TinyPipeline(exp.experiment_id, ws, list(yaml.safe_load((ws / "dvc.yaml").read_text())["stages"]))
-    finally:
-        stop_supervisor(root / "device")
+    # The server's store is the workspace's own mlflow.db (run_env's), so it serves the pipeline's runs.
+    with run_mlflow_server(ws) as server:
+        assert server.backend_db == ws / "mlflow.db"
+        env["MLFLOW_TRACKING_URI"] = server.uri
+        try:
+            run_checked(["fab", "deploy", "--group", "local", "--inventory", str(root / "inventory.yaml")], ws, env)
+            run_checked(["dvc", "repro", "report"], ws, env)  # a new device result: the report runs again
+            exp = mlflow.MlflowClient(server.uri).get_experiment_by_name(DEFAULT_EXPERIMENT)
+            assert exp is not None and exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+            yield TinyPipeline(exp.experiment_id, ws, list(yaml.safe_load((ws / "dvc.yaml").read_text())["stages"]),
+                               server)
+        finally:
+            stop_supervisor(root / "device")
 
 
-def test_ui_shows_the_pipeline_runs_and_their_metrics(browser: Any, tiny_pipeline: TinyPipeline,
-                                                      mlflow_server: MlflowServer) -> None:
+def test_ui_shows_the_pipeline_runs_and_their_metrics(browser: Any, tiny_pipeline: TinyPipeline) -> None:
+    mlflow_server = tiny_pipeline.server
     client = mlflow.MlflowClient(mlflow_server.uri)
     runs = client.search_runs([tiny_pipeline.experiment_id])
     top = {r.info.run_name for r in runs if "mlflow.parentRunId" not in r.data.tags}
@@ -179,8 +191,8 @@ def test_ui_shows_the_pipeline_runs_and_their_metrics(browser: Any, tiny_pipelin
                                                    .read_text())["images_total"])  # what DVC shows, too
 
 
-def test_ui_compares_the_report_variants_and_the_device(browser: Any, tiny_pipeline: TinyPipeline,
-                                                        mlflow_server: MlflowServer) -> None:
+def test_ui_compares_the_report_variants_and_the_device(browser: Any, tiny_pipeline: TinyPipeline) -> None:
+    mlflow_server = tiny_pipeline.server
     client = mlflow.MlflowClient(mlflow_server.uri)
     (report, *_) = client.search_runs([tiny_pipeline.experiment_id], "tags.stage = 'report'",
                                       order_by=["attributes.start_time DESC"])

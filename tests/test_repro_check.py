@@ -2,8 +2,10 @@
 
 Fast tests: the comparison rules on small hand-made workspaces (a dvc.yaml, a dvc.lock whose hashes
 are the md5 of the files written next to it, metrics JSON), the params section, and how a
-workspace is prepared (git only). Slow test: real `dvc repro data` twice, once with the `data`
-stage made random on purpose (the check must fail naming it), once unchanged (it must pass).
+workspace is prepared (git only). Slow tests: the check itself on the whole tiny pipeline, twice
+from clean (the session fixture `tiny_repro`, tests/tiny_repro.py: what CI relies on for "the
+pipeline reproduces"), its command line comparing those two workspaces, and real `dvc repro
+data` twice with the `data` stage made random on purpose (the check must fail naming it).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
 import support
@@ -35,6 +37,11 @@ from pipeline.tools.repro_check import (
     within,
 )
 from pipeline.tracking.flatten import flatten
+
+pytest_plugins = ["tiny_repro"]
+
+if TYPE_CHECKING:
+    from tiny_repro import TinyRepro
 
 CFG = load_params("repro_check", ReproCheckParams, REPO / "params.yaml")
 CFG_RAW = yaml.safe_load((REPO / "params.yaml").read_text())["repro_check"]
@@ -385,15 +392,32 @@ def _check_data_stage(src: Path, tmp: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
+def test_the_tiny_pipeline_reproduces(tiny_repro: TinyRepro) -> None:
+    """CI's reproducibility check: every stage held as params.yaml's `repro_check` says, nothing differed."""
+    result = tiny_repro.result
+    assert result.ok, result.render()
+    stages = set(yaml.safe_load((tiny_repro.run1 / "dvc.yaml").read_text())["stages"])
+    assert set(result.modes) == stages, result.modes
+    for stage in ("data", "camera", "camera_profile", "train", "export", "calibrate"):
+        assert result.modes[stage] == "bit-exact", (stage, result.render())
+    assert result.ran_on.startswith("train.device=cpu, "), result.ran_on
+
+
+@pytest.mark.slow
+def test_command_line_compares_two_finished_runs(tiny_repro: TinyRepro) -> None:
+    """`python -m pipeline.tools.repro_check --compare RUN1 RUN2`: the report and exit status 0."""
+    proc = subprocess.run([sys.executable, "-m", "pipeline.tools.repro_check", "--compare", str(tiny_repro.run1),
+                           str(tiny_repro.run2)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == EXIT_OK, proc.stdout + proc.stderr
+    assert "data         bit-exact" in proc.stdout and "OK, both runs agree" in proc.stdout, proc.stdout
+
+
+@pytest.mark.slow
 def test_injected_nondeterminism_is_caught(tmp_path: Path) -> None:
     src = copy_repo(tmp_path / "src")
     _git(src, "init", "-q")
     _git(src, "add", "-A")
     _git(src, "commit", "-qm", "copy")
-    ok = _check_data_stage(src, tmp_path / "same")
-    assert ok.returncode == EXIT_OK, ok.stdout + ok.stderr
-    assert "data         bit-exact" in ok.stdout and "OK, both runs agree" in ok.stdout
-
     # Make the data stage random: it also writes 8 random bytes into its output folder.
     dvc_yaml = yaml.safe_load((src / "dvc.yaml").read_text())
     dvc_yaml["stages"]["data"]["cmd"] = ("python -m pipeline.stages.data && python -c \"import os; "

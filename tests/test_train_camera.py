@@ -23,7 +23,7 @@ from pipeline.imagesets.camera_augment import (
     render_through,
     scaled,
 )
-from pipeline.imagesets.camera_model import camera_frame
+from pipeline.imagesets.camera_model import CameraSettings, camera_frame
 from pipeline.imagesets.yolo import DatasetError
 
 CAMERAS = yaml.safe_load((REPO / "params.yaml").read_text())["camera"]["synthetic"]["cameras"]
@@ -46,7 +46,7 @@ def _image() -> np.ndarray:
 def test_profiles_load_and_bad_files_name_the_fix(tmp_path: Path) -> None:
     cams = load_profiles(_profiles(tmp_path / "p.json"))
     assert [c.id for c in cams] == sorted(c["id"] for c in CAMERAS)
-    assert cams[0].wb_gains == tuple(next(c for c in CAMERAS if c["id"] == cams[0].id)["wb_gains"])
+    assert cams[0].model.wb_gains == tuple(next(c for c in CAMERAS if c["id"] == cams[0].id)["wb_gains"])
     with pytest.raises(ProfileError, match=r"run the camera_profile stage first \(dvc repro camera_profile\)"):
         load_profiles(tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text('{"cameras": {"a": {"model": {"width": 320}}}}')
@@ -59,7 +59,8 @@ def test_profiles_load_and_bad_files_name_the_fix(tmp_path: Path) -> None:
 
 def test_render_matches_the_camera_geometry_and_is_seeded(tmp_path: Path) -> None:
     img = _image()
-    for cam in load_profiles(_profiles(tmp_path / "p.json")):
+    for profiled in load_profiles(_profiles(tmp_path / "p.json")):
+        cam = profiled.model
         out = render_through(img, cam, 1.0, 0.2, 256, random.Random(5))
         h, w = out.shape[:2]
         assert max(h, w) == 256 and abs(w / h - cam.width / cam.height) < 0.02  # the letterbox's shape
@@ -70,11 +71,11 @@ def test_render_matches_the_camera_geometry_and_is_seeded(tmp_path: Path) -> Non
         exact = render_through(img, cam, 1.0, 0.0, 256, random.Random(5))
         ratio = exact.reshape(-1, 3).mean(0) / cv2.resize(img, (w, h)).reshape(-1, 3).mean(0)
         expected = cam.exposure * np.array(cam.wb_gains) * (1 - cam.vignetting / 3)
-        assert np.allclose(ratio, expected, rtol=0.05), (cam.id, ratio, expected)
+        assert np.allclose(ratio, expected, rtol=0.05), (profiled.id, ratio, expected)
 
 
 def test_strength_zero_is_geometry_only_and_one_is_the_estimate() -> None:
-    cam = ProfiledCamera("c", 320, 240, 0.7, (1.2, 1.0, 0.8), 0.6, 3.0, "motion", 5.0, 0.35, 70)
+    cam = CameraSettings(320, 240, 0.7, (1.2, 1.0, 0.8), 0.6, 3.0, "motion", 5.0, 0.35, 70)
     same, exposure, wb = scaled(cam, 1.0, random.Random(0), 0.0)
     assert same == cam and exposure == 0.7 and wb.tolist() == [1.2, 1.0, 0.8]
     none, exposure, wb = scaled(cam, 0.0, random.Random(0), 0.0)
@@ -86,7 +87,7 @@ def test_strength_zero_is_geometry_only_and_one_is_the_estimate() -> None:
 
 
 def test_augment_renders_with_probability() -> None:
-    cam = ProfiledCamera("c", 416, 240, 1.3, (0.8, 1.0, 1.2), 0.4, 2.0, "defocus", 1.5, 0.2, 80)
+    cam = ProfiledCamera("c", CameraSettings(416, 240, 1.3, (0.8, 1.0, 1.2), 0.4, 2.0, "defocus", 1.5, 0.2, 80))
     random.seed(0)
     assert CameraAugment([cam], 1.0, 1.0, 0.2, 256)(_image()).shape == (148, 256, 3)
     assert CameraAugment([cam], 0.0, 1.0, 0.2, 256)(_image()).shape == (256, 256, 3)
@@ -133,7 +134,7 @@ def test_trainer_hook_renders_training_images_only(tmp_path: Path) -> None:
     with mlflow_store(tmp_path):
         _tiny_workspace(tmp_path)
     import_ultralytics(tmp_path / "u")
-    cam = ProfiledCamera("wide", 416, 240, 1.0, (1.0, 1.0, 1.0), 0.0, 1.0, "none", 0.0, 0.0, 90)
+    cam = ProfiledCamera("wide", CameraSettings(416, 240, 1.0, (1.0, 1.0, 1.0), 0.0, 1.0, "none", 0.0, 0.0, 90))
     augment = CameraAugment([cam], 1.0, 1.0, 0.0, 64)
     trainer = camera_matched_trainer(augment)(overrides={
         "data": str(tmp_path / "defects" / "dataset.yaml"), "model": "yolov8n.yaml", "imgsz": 64, "epochs": 1,

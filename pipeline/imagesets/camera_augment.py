@@ -24,14 +24,12 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
 
-from pipeline.imagesets.camera_model import camera_frame, decode_jpeg, encode_jpeg
-
-BLURS = ("none", "motion", "defocus")
+from pipeline.imagesets.camera_model import CameraSettings, camera_frame, decode_jpeg, encode_jpeg
 
 
 class ProfileError(ValueError):
@@ -40,19 +38,10 @@ class ProfileError(ValueError):
 
 @dataclass(frozen=True)
 class ProfiledCamera:
-    """One camera model as estimated from its frames (the fields `camera_frame` renders with)."""
+    """One camera of profiles.json: its folder name and the model estimated from its frames."""
 
     id: str
-    width: int
-    height: int
-    exposure: float
-    wb_gains: tuple[float, float, float]  # B, G, R
-    shot_noise: float
-    read_noise: float
-    blur: Literal["none", "motion", "defocus"]
-    blur_px: float
-    vignetting: float
-    jpeg_quality: int  # 100 for a lossless source (PNG frames)
+    model: CameraSettings
 
 
 def load_profiles(path: Path) -> list[ProfiledCamera]:
@@ -63,7 +52,8 @@ def load_profiles(path: Path) -> list[ProfiledCamera]:
     try:
         doc = json.loads(path.read_text())
         cameras = doc["cameras"]
-        out = [_camera(cid, entry["model"]) for cid, entry in sorted(cameras.items())]
+        out = [ProfiledCamera(cid, CameraSettings.from_dict(entry["model"], cid))
+               for cid, entry in sorted(cameras.items())]
     except (ValueError, KeyError, TypeError) as e:
         raise ProfileError(f"{path}: not a camera profile document ({type(e).__name__}: {e}); "
                            "re-run the camera_profile stage (dvc repro camera_profile)") from e
@@ -72,28 +62,8 @@ def load_profiles(path: Path) -> list[ProfiledCamera]:
     return out
 
 
-def _camera(cid: str, m: dict[str, Any]) -> ProfiledCamera:
-    blur = m["blur"]
-    if blur not in BLURS:
-        raise ValueError(f"camera {cid}: blur {blur!r} is not one of {BLURS}")
-    wb = tuple(float(v) for v in m["wb_gains"])
-    if len(wb) != 3:
-        raise ValueError(f"camera {cid}: wb_gains needs 3 values (B, G, R), got {len(wb)}")
-    jpeg = m.get("jpeg_quality")
-    cam = ProfiledCamera(
-        id=cid, width=int(m["width"]), height=int(m["height"]), exposure=float(m["exposure"]),
-        wb_gains=wb,  # type: ignore[arg-type]
-        shot_noise=float(m["shot_noise"]), read_noise=float(m["read_noise"]), blur=blur,
-        blur_px=float(m["blur_px"]), vignetting=float(m["vignetting"]),
-        jpeg_quality=100 if jpeg is None else int(jpeg),
-    )
-    if cam.width < 8 or cam.height < 8 or cam.exposure <= 0 or min(cam.wb_gains) <= 0:
-        raise ValueError(f"camera {cid}: implausible model {m}")
-    return cam
-
-
-def scaled(cam: ProfiledCamera, strength: float, rng: random.Random,
-           jitter: float) -> tuple[ProfiledCamera, float, np.ndarray]:
+def scaled(cam: CameraSettings, strength: float, rng: random.Random,
+           jitter: float) -> tuple[CameraSettings, float, np.ndarray]:
     """`cam` with its effects scaled by `strength` and jittered: (model, exposure, wb_gains).
 
     Multiplicative effects (exposure, gains) scale in log space, additive ones (blur, noise,
@@ -105,13 +75,13 @@ def scaled(cam: ProfiledCamera, strength: float, rng: random.Random,
 
     exposure = jit(cam.exposure ** strength)
     wb = np.array([jit(g ** strength) for g in cam.wb_gains], np.float64)
-    model = ProfiledCamera(
-        id=cam.id, width=cam.width, height=cam.height, exposure=exposure,
+    model = CameraSettings(
+        width=cam.width, height=cam.height, exposure=exposure,
         wb_gains=tuple(float(g) for g in wb),  # type: ignore[arg-type]
         shot_noise=max(0.0, jit(cam.shot_noise * strength)), read_noise=max(0.0, jit(cam.read_noise * strength)),
         blur=cam.blur, blur_px=max(0.0, jit(cam.blur_px * strength)),
         vignetting=min(0.95, max(0.0, cam.vignetting * strength)),
-        jpeg_quality=int(round(100 - strength * (100 - cam.jpeg_quality))),
+        jpeg_quality=None if cam.jpeg_quality is None else int(round(100 - strength * (100 - cam.jpeg_quality))),
     )
     return model, exposure, wb
 
@@ -146,13 +116,13 @@ class NoiseBank:
 _BANK = NoiseBank()
 
 
-def render_through(img: np.ndarray, cam: ProfiledCamera, strength: float, jitter: float, long_side: int,
+def render_through(img: np.ndarray, cam: CameraSettings, strength: float, jitter: float, long_side: int,
                    rng: random.Random) -> np.ndarray:
     """BGR uint8 `img` as camera `cam` would deliver it, resized to `long_side` (the detector's letterbox)."""
     model, exposure, wb = scaled(cam, strength, rng, jitter)
     noise = _BANK.crop(cam.height, cam.width, rng)
     frame = camera_frame(img, model, None, exposure, wb, (0.0, 0.0), noise)
-    if model.jpeg_quality < 100:
+    if model.jpeg_quality is not None and model.jpeg_quality < 100:
         frame = decode_jpeg(encode_jpeg(frame, model.jpeg_quality))
     h, w = frame.shape[:2]
     r = long_side / max(h, w)
@@ -178,7 +148,7 @@ class CameraAugment:
         # draw does not depend on how many numbers the camera model consumed before.
         rng = random.Random(random.getrandbits(64))
         self.applied += 1
-        return render_through(img, cam, self.strength, self.jitter, self.long_side, rng)
+        return render_through(img, cam.model, self.strength, self.jitter, self.long_side, rng)
 
 
 def wrap_dataset(dataset: Any, augment: CameraAugment) -> None:

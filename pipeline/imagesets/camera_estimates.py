@@ -48,9 +48,9 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
@@ -59,10 +59,16 @@ from PIL import Image, UnidentifiedImageError
 from skimage.measure import blur_effect
 from skimage.restoration import estimate_sigma
 
-from pipeline.imagesets.camera_model import camera_frame, decode_jpeg, encode_jpeg, vignette
+from pipeline.imagesets.camera_model import (
+    BlurKind,
+    CameraSettings,
+    camera_frame,
+    decode_jpeg,
+    encode_jpeg,
+    rounded,
+    vignette,
+)
 from pipeline.imagesets.yolo import DatasetError
-
-BlurKind = Literal["none", "motion", "defocus"]
 
 # cv2.COLOR_BGR2GRAY's weights (ITU-R BT.601), in B, G, R order.
 LUMA_BGR = np.array([0.114, 0.587, 0.299])
@@ -122,50 +128,9 @@ CENTRE_FRACTION = 0.5  # the centre region (this share of each side) for the raw
 # ------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class EstimatedCamera:
-    """A camera model estimated from frames: what `camera_model.camera_frame` renders with.
-
-    `jpeg_quality` is None for lossless frames (PNG): no JPEG step. Render with
-    `camera_frame(scene, cam, rng, cam.exposure, np.array(cam.wb_gains), (0, 0))`.
-    """
-
-    width: int
-    height: int
-    exposure: float  # gain on the G channel relative to the training images
-    wb_gains: tuple[float, float, float]  # B, G, R, normalised so G = 1
-    shot_noise: float  # sigma^2 = shot_noise^2 * level + read_noise^2 (level 0-255, after the gains)
-    read_noise: float
-    blur: BlurKind
-    blur_px: float  # motion: streak length along x; defocus: disc radius
-    vignetting: float  # brightness lost in the corners
-    jpeg_quality: int | None
-
-    def as_dict(self) -> dict[str, Any]:
-        """The model as profiles.json holds it (floats to 4 decimals)."""
-        return rounded(asdict(self))
-
-    def noise_sigma(self, level: float) -> float:
-        """The model's noise sigma (grey levels) at grey level `level`."""
-        return math.sqrt(self.shot_noise**2 * max(level, 0.0) + self.read_noise**2)
-
-
-def rounded(value: Any) -> Any:
-    """`value` with every float (also inside lists, tuples and dicts) rounded to 4 decimals."""
-    if isinstance(value, (float, np.floating)):
-        return round(float(value), 4)
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, dict):
-        return {k: rounded(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [rounded(v) for v in value]
-    return value
-
-
-def neutral_camera(width: int, height: int) -> EstimatedCamera:
+def neutral_camera(width: int, height: int) -> CameraSettings:
     """A camera that only resizes to `width` x `height`: how the reference looks at that sensor size."""
-    return EstimatedCamera(width, height, 1.0, (1.0, 1.0, 1.0), 0.0, 0.0, "none", 0.0, 0.0, None)
+    return CameraSettings(width, height, 1.0, (1.0, 1.0, 1.0), 0.0, 0.0, "none", 0.0, 0.0, None)
 
 
 # ------------------------------------------------------------------------------------------
@@ -598,7 +563,7 @@ def fit_log_scale(residual: Callable[[float], np.ndarray], start: float, evaluat
 # ------------------------------------------------------------------------------------------
 
 
-def render_references(references: Sequence[np.ndarray], cam: EstimatedCamera,
+def render_references(references: Sequence[np.ndarray], cam: CameraSettings,
                       seed: tuple[int, ...]) -> list[np.ndarray]:
     """Reference images as camera `cam` delivers them (decoded JPEG when it has a JPEG quality).
 
@@ -626,38 +591,38 @@ class Synthesis:
         self.references, self.seed = list(references), seed
         self.frame_spectra, self.frame_curve = frame_spectra, frame_curve
         self.scale = feature_scale(frame_spectra, len(self.references))
-        self._spectra: dict[EstimatedCamera, np.ndarray] = {}
+        self._spectra: dict[CameraSettings, np.ndarray] = {}
         self.renders = 0  # how many images were rendered (for the record)
 
-    def _grays(self, cam: EstimatedCamera) -> list[np.ndarray]:
+    def _grays(self, cam: CameraSettings) -> list[np.ndarray]:
         self.renders += len(self.references)
         return [gray(r) for r in render_references(self.references, cam, self.seed)]
 
-    def spectra(self, cam: EstimatedCamera) -> np.ndarray:
+    def spectra(self, cam: CameraSettings) -> np.ndarray:
         """(k, F) `directional_spectrum` of each reference rendered through `cam`."""
         if cam not in self._spectra:
             self._spectra[cam] = np.array([directional_spectrum(g) for g in self._grays(cam)])
         return self._spectra[cam]
 
-    def residual(self, cam: EstimatedCamera) -> np.ndarray:
+    def residual(self, cam: CameraSettings) -> np.ndarray:
         """Differences of the frames' mean spectra from those of renders through `cam`, each divided
         by its standard error (a band with no frequency bin: 0). Their squared sum is the chi-square
         distance the fit minimises: bands that vary a lot from scene to scene weigh less."""
         r = (self.frame_spectra.mean(0) - self.spectra(cam).mean(0)) / self.scale
         return np.where(np.isfinite(r), r, 0.0)
 
-    def fit_noise_scale(self, cam: EstimatedCamera, start: float, evaluations: int
-                        ) -> tuple[float, EstimatedCamera, EstimatedCamera]:
+    def fit_noise_scale(self, cam: CameraSettings, start: float, evaluations: int
+                        ) -> tuple[float, CameraSettings, CameraSettings]:
         """Scale `cam`'s shot and read noise by the common factor that fits the frames' spectra best.
 
         Returns (distance, the fitted camera, the best camera actually rendered).
         """
-        def at(k: float) -> EstimatedCamera:
+        def at(k: float) -> CameraSettings:
             return replace(cam, shot_noise=cam.shot_noise * k, read_noise=cam.read_noise * k)
         value, k, k_rendered = fit_log_scale(lambda k: self.residual(at(k)), start, evaluations)
         return value, at(k), at(k_rendered)
 
-    def noise_shape(self, cam: EstimatedCamera, kappa: float) -> tuple[float, float, np.ndarray]:
+    def noise_shape(self, cam: CameraSettings, kappa: float) -> tuple[float, float, np.ndarray]:
         """(shot, read, sigma per bin): the noise curve inverted through constant-noise renders of `cam`."""
         ladder = [noise_curve(self._grays(replace(cam, shot_noise=0.0, read_noise=s))) for s in NOISE_LADDER]
         per_bin = invert_noise_curve(self.frame_curve, ladder)
@@ -718,7 +683,7 @@ class CameraProfile:
 
     frames: int
     estimates: dict[str, Any]
-    model: EstimatedCamera
+    model: CameraSettings
 
     def as_dict(self) -> dict[str, Any]:
         """The camera's entry in profiles.json."""
@@ -775,11 +740,11 @@ def estimate_camera(frames: Sequence[np.ndarray], jpeg: Sequence[tuple[int | Non
     frame_spectra = np.array([directional_spectrum(g) for g in grays])
     synth = Synthesis(subset, seed, frame_spectra, noise_curve(grays))
     kappa = grey_noise_factor(gains)
-    base = EstimatedCamera(width, height, exposure, wb, 0.0, 0.0, "none", 0.0, strength, quality)  # type: ignore[arg-type]
+    base = CameraSettings(width, height, exposure, wb, 0.0, 0.0, "none", 0.0, strength, quality)  # type: ignore[arg-type]
     shot, read, _ = synth.noise_shape(base, kappa)
     read = max(read, 0.05)  # a read-noise share to scale (the scale search can still take it to almost nothing)
     shaped = replace(base, shot_noise=shot, read_noise=read)
-    fitted: dict[tuple[str, float, bool], tuple[EstimatedCamera, EstimatedCamera]] = {}
+    fitted: dict[tuple[str, float, bool], tuple[CameraSettings, CameraSettings]] = {}
     scales: dict[str, float] = {}  # the last noise scale fitted per blur family: where its next fit starts
 
     def blur_distance(kind: BlurKind, px: float, fine: bool) -> float:

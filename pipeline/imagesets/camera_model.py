@@ -5,16 +5,22 @@ it (settings from params.yaml), and `train`'s camera-matched augmentation render
 images through the cameras the `camera_profile` stage estimated from unlabelled frames. The
 model: resize to the sensor size (a non-square sensor stretches the scene), blur (motion streak
 along x or a defocus disc), exposure and white-balance gains, radial vignetting, shot + read
-noise, JPEG. Any object with the attributes of `CameraModel` can be rendered.
+noise, JPEG. Any object with the attributes of `CameraModel` can be rendered; `CameraSettings`
+is the one estimated profiles are written and read as (stage camera_profile, train).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Literal, Protocol
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, Mapping, Protocol
 
 import cv2
 import numpy as np
+
+BlurKind = Literal["none", "motion", "defocus"]
+BLURS: tuple[BlurKind, ...] = ("none", "motion", "defocus")
 
 
 class CameraModel(Protocol):
@@ -24,10 +30,70 @@ class CameraModel(Protocol):
     height: int
     shot_noise: float
     read_noise: float
-    blur: Literal["none", "motion", "defocus"]
+    blur: BlurKind
     blur_px: float
     vignetting: float
-    jpeg_quality: int
+    jpeg_quality: int | None
+
+
+@dataclass(frozen=True)
+class CameraSettings:
+    """A camera model as estimated from its frames: what `camera_frame` renders with.
+
+    `jpeg_quality` is None for lossless frames (PNG): no JPEG step. Render with
+    `camera_frame(scene, cam, rng, cam.exposure, np.array(cam.wb_gains), (0, 0))`, then JPEG.
+    """
+
+    width: int
+    height: int
+    exposure: float  # gain on the G channel relative to the training images
+    wb_gains: tuple[float, float, float]  # B, G, R, normalised so G = 1
+    shot_noise: float  # sigma^2 = shot_noise^2 * level + read_noise^2 (level 0-255, after the gains)
+    read_noise: float
+    blur: BlurKind
+    blur_px: float  # motion: streak length along x; defocus: disc radius
+    vignetting: float  # brightness lost in the corners
+    jpeg_quality: int | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The model as profiles.json holds it (floats to 4 decimals)."""
+        return rounded(asdict(self))
+
+    def noise_sigma(self, level: float) -> float:
+        """The model's noise sigma (grey levels) at grey level `level`."""
+        return math.sqrt(self.shot_noise**2 * max(level, 0.0) + self.read_noise**2)
+
+    @classmethod
+    def from_dict(cls, m: Mapping[str, Any], name: str) -> "CameraSettings":
+        """Read `as_dict()`'s document back; ValueError/KeyError/TypeError naming camera `name` when it is not one."""
+        blur = m["blur"]
+        if blur not in BLURS:
+            raise ValueError(f"camera {name}: blur {blur!r} is not one of {BLURS}")
+        wb = tuple(float(v) for v in m["wb_gains"])
+        if len(wb) != 3:
+            raise ValueError(f"camera {name}: wb_gains needs 3 values (B, G, R), got {len(wb)}")
+        jpeg = m.get("jpeg_quality")
+        cam = cls(width=int(m["width"]), height=int(m["height"]), exposure=float(m["exposure"]),
+                  wb_gains=wb,  # type: ignore[arg-type]
+                  shot_noise=float(m["shot_noise"]), read_noise=float(m["read_noise"]), blur=blur,
+                  blur_px=float(m["blur_px"]), vignetting=float(m["vignetting"]),
+                  jpeg_quality=None if jpeg is None else int(jpeg))
+        if cam.width < 8 or cam.height < 8 or cam.exposure <= 0 or min(cam.wb_gains) <= 0:
+            raise ValueError(f"camera {name}: implausible model {dict(m)}")
+        return cam
+
+
+def rounded(value: Any) -> Any:
+    """`value` with every float (also inside lists, tuples and dicts) rounded to 4 decimals."""
+    if isinstance(value, (float, np.floating)):
+        return round(float(value), 4)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v) for v in value]
+    return value
 
 
 
