@@ -745,14 +745,15 @@ def print_tables(rows: list[SizeRow], goals: list[dict[str, Any]], mode_line: st
     print(f"{'devices':>7}  {'deploy s':>8}  {'vs ' + str(base.n):>5}  {'floor s':>7}  {'vs floor':>8}  "
           f"{'link s':>6}  {'on-device s':>11}  {'push s':>6}  {'push/link':>9}  {'MB/device':>9}  "
           f"{'redeploy s':>10}  {'redeploy model B':>16}  {'redeploy B':>10}  {'device CPU s':>12}  "
-          f"{'throttled s':>11}  {'ws CPU s':>8}  {'failed':>6}")
+          f"{'per device':>10}  {'throttled s':>11}  {'ws CPU s':>8}  {'failed':>6}")
     for r in rows:
         push_link = f"{r.push_s / r.link_s:.2f}" if r.link_s else "n/a"
         print(f"{r.n:>7}  {r.deploy_s:>8.2f}  {r.deploy_s / base.deploy_s:>5.2f}  {r.floor_s:>7.2f}  "
               f"{r.deploy_s / r.floor_s if r.floor_s else float('inf'):>8.2f}  "
               f"{r.link_s:>6.2f}  {r.on_device_s:>11.2f}  {r.push_s:>6.2f}  {push_link:>9}  "
               f"{r.bytes_per_device / 1e6:>9.2f}  {r.redeploy_s:>10.2f}  {r.redeploy_model_bytes:>16}  "
-              f"{r.redeploy_bytes:>10}  {r.device_cpu_s:>12.1f}  {r.throttled_s:>11.1f}  {r.ws_cpu_s:>8.1f}  "
+              f"{r.redeploy_bytes:>10}  {r.device_cpu_s:>12.1f}  {r.device_cpu_s / r.n:>10.2f}  "
+              f"{r.throttled_s:>11.1f}  {r.ws_cpu_s:>8.1f}  "
               f"{r.failed:>6}")
     print("\nper-step seconds of the full deploy, mean / max over devices (verify, health, switch, bench are "
           "timed on the device inside `activate`, the one SSH command that runs them):")
@@ -772,8 +773,10 @@ push s       the slowest device's upload (push/link: how close the push came to 
 MB/device    S: what a device was sent (model + runtime bundle; MB = 1e6 bytes)
 redeploy     the same deploy again: nothing but the health check and benchmark should happen
 device CPU s CPU of the devices during the full deploy (their sshd trees: sshd, shell, helper, health,
-             bench); throttled s: time their CPU quotas held them back, summed over devices; ws CPU s:
-             this process (Fabric/paramiko, hashing, manifests)""")
+             bench), in all and per device (the same work: where it grows with N, the simulated devices
+             slow each other down on this machine's cores, whatever their quotas); throttled s: time
+             their CPU quotas held them back, summed over devices; ws CPU s: this process
+             (Fabric/paramiko, hashing, manifests)""")
     print("\ntargets:")
     for g in goals:
         print(f"  {'PASS' if g['ok'] else 'FAIL'}  {g['target']}: {g['detail']}")
