@@ -2,7 +2,9 @@
 # Create .venv and install the project with everything the pipeline and the tests need.
 # Idempotent: re-runs are quick when pyproject.toml has not changed (stamp file in .venv).
 # Usage: scripts/bootstrap.sh [--with-sshd] [--with-browser] [--with-mqtt]
-#   --with-sshd     also installs the OpenSSH server the fleet tests start as simulated devices
+#   --with-sshd     also installs the OpenSSH server the fleet tests start as simulated devices, and
+#                   ethtool, with which benchmarks/fleet.py moves the links' packet processing out of
+#                   the simulated devices' CPU quotas
 #   --with-browser  also installs Debian's Chromium + chromedriver, which the MLflow UI test drives
 #                   headless (a browser download by Playwright/Selenium cannot work offline)
 #   --with-mqtt     also installs Debian's mosquitto, the MQTT broker the runtime's MQTT publisher tests start
@@ -33,6 +35,10 @@ apt_packages=()
 if [[ $WITH_SSHD -eq 1 ]] && ! command -v sshd >/dev/null 2>&1 && [[ ! -x /usr/sbin/sshd ]]; then
   echo "bootstrap: will install openssh-server (fleet tests run real sshd test hosts)"
   apt_packages+=(openssh-server openssh-client)
+fi
+if [[ $WITH_SSHD -eq 1 ]] && ! command -v ethtool >/dev/null 2>&1 && [[ ! -x /usr/sbin/ethtool ]]; then
+  echo "bootstrap: will install ethtool (the fleet benchmark's shaped links: threaded NAPI)"
+  apt_packages+=(ethtool)
 fi
 if [[ $WITH_BROWSER -eq 1 ]] && { ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; }; then
   echo "bootstrap: will install chromium + chromium-driver (the MLflow UI test drives headless Chromium)"

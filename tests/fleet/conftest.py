@@ -2,8 +2,11 @@
 
 Each simulated device is its own `sshd -D` process, started as the current user on its own
 127.0.0.x address and port, with its own host key, an authorized user key, and its own deploy
-dir. The device's python is this repository's .venv python (numpy, opencv, onnxruntime), so the
-real device runtime CLI runs on the "device". Nothing leaves 127.0.0.x. (benchmarks/fleet.py
+dir, which is also its sessions' HOME: a device's login shell reads the device's own (empty) rc
+files, not the test user's (where a workstation's `eval "$(pyenv init -)"` would cost every SSH
+command about 0.13 CPU s, and make concurrent sessions of all devices queue on one shared
+`pyenv rehash` lock). The device's python is this repository's .venv python (numpy, opencv,
+onnxruntime), so the real device runtime CLI runs on the "device". Nothing leaves 127.0.0.x. (benchmarks/fleet.py
 starts the same hosts inside network namespaces of its own, through `SshdFleet.start`'s `prefix`.)
 """
 
@@ -130,7 +133,8 @@ class SshdFleet:
             f"PidFile {root / 'sshd.pid'}",
             "StrictModes no", "UsePAM no", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
             "PubkeyAuthentication yes", "PermitRootLogin prohibit-password", f"AllowUsers {user}",
-            "Subsystem sftp internal-sftp", "LogLevel ERROR", "MaxStartups 200:30:400", "UseDNS no", "",
+            "Subsystem sftp internal-sftp", "LogLevel ERROR", "MaxStartups 200:30:400", "UseDNS no",
+            f'SetEnv "HOME={root}"', "",
         ]))
         log = root / "sshd.log"
         proc = subprocess.Popen([*prefix, SSHD, "-D", "-e", "-f", str(cfg)], stdout=open(log, "wb"),

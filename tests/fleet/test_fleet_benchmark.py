@@ -107,6 +107,8 @@ def test_fleet_benchmark_runs_and_cleans_up(mode: str, bench_sources: list[str],
     else:
         assert "200 Mbit/s per device, 400 Mbit/s uplink" in doc["mode_line"]
         assert "no added latency" in doc["mode_line"]
+        # where the links' packet processing is charged: outside the device quotas, or why not
+        assert ("(threaded NAPI)" in doc["mode_line"]) != ("no threaded NAPI: " in doc["mode_line"])
     rows = doc["rows"]
     assert [r["n"] for r in rows] == [1, 2]
     table = [line for line in out.splitlines() if re.match(r"^\s+[12]\s+\d+\.\d\d[\s/]", line)]
