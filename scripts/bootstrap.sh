@@ -36,9 +36,10 @@ if [[ $WITH_SSHD -eq 1 ]] && ! command -v sshd >/dev/null 2>&1 && [[ ! -x /usr/s
   echo "bootstrap: will install openssh-server (fleet tests run real sshd test hosts)"
   apt_packages+=(openssh-server openssh-client)
 fi
+optional_packages=()  # a failed install of these is a warning: what needs them says so when they are missing
 if [[ $WITH_SSHD -eq 1 ]] && ! command -v ethtool >/dev/null 2>&1 && [[ ! -x /usr/sbin/ethtool ]]; then
   echo "bootstrap: will install ethtool (the fleet benchmark's shaped links: threaded NAPI)"
-  apt_packages+=(ethtool)
+  optional_packages+=(ethtool)
 fi
 if [[ $WITH_BROWSER -eq 1 ]] && { ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; }; then
   echo "bootstrap: will install chromium + chromium-driver (the MLflow UI test drives headless Chromium)"
@@ -48,10 +49,16 @@ if [[ $WITH_MQTT -eq 1 ]] && ! command -v mosquitto >/dev/null 2>&1 && [[ ! -x /
   echo "bootstrap: will install mosquitto (the MQTT publisher tests run a real broker on 127.0.0.1)"
   apt_packages+=(mosquitto)
 fi
-if [[ ${#apt_packages[@]} -gt 0 ]]; then
+if [[ ${#apt_packages[@]} -gt 0 || ${#optional_packages[@]} -gt 0 ]]; then
   if [[ $(id -u) -eq 0 ]]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq
+  $SUDO apt-get update -qq || [[ ${#apt_packages[@]} -eq 0 ]]
+fi
+if [[ ${#apt_packages[@]} -gt 0 ]]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${apt_packages[@]}" >/dev/null
+fi
+if [[ ${#optional_packages[@]} -gt 0 ]]; then
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${optional_packages[@]}" >/dev/null ||
+    echo "bootstrap: could not install ${optional_packages[*]}; continuing without" >&2
 fi
 
 [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
