@@ -232,7 +232,7 @@ def _napi_thread(ns: str, dev: str) -> None:
     Packet processing otherwise runs as a softirq on top of whatever task the CPU was running, and
     this kernel does not account interrupt time apart (no CONFIG_IRQ_TIME_ACCOUNTING): it is charged
     to that task, which under load is mostly some device, against that device's quota. Measured
-    without it (2026-12-02): at 32 devices a device's activate step took 35 s instead of 26 s.
+    without it (2026-12-02): at 32 devices the slowest device's on-device steps took 35 s, not 26 s.
     """
     _cmd("ip", "netns", "exec", ns, "ethtool", "-K", dev, "gro", "on")
     _cmd("ip", "netns", "exec", ns, "sh", "-c", f"echo 1 > /sys/class/net/{dev}/threaded")
