@@ -832,8 +832,8 @@ push s       the slowest device's upload (push/link: how close the push came to 
 MB/device    S: what a device was sent (model + runtime bundle; MB = 1e6 bytes)
 redeploy     the same deploy again: nothing but the health check and benchmark should happen
 device CPU s CPU of the devices during the full deploy (their sshd trees: sshd, shell, helper, health,
-             bench), in all and per device (the same work: where it grows with N, the simulated devices
-             slow each other down on this machine's cores, whatever their quotas); throttled s: time
+             bench), in all and per device (the same work at every size, so it should not grow with N;
+             where it does, something charges the devices for more than their own work); throttled s: time
              their CPU quotas held them back, summed over devices; ws CPU s: this process
              (Fabric/paramiko, hashing, manifests)""")
     print("\ntargets:")
